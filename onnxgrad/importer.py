@@ -1,0 +1,308 @@
+"""Load, validate and normalize ONNX models; find their trainable parameters.
+
+`load` is the first stage of the pipeline. It gives every later stage one predictable
+kind of model: checked, local functions inlined, external data in memory, every node
+named, the default domain at one canonical opset where onnx's version converter can
+bring it there, and shapes inferred. This module imports nothing else of onnxgrad's
+but its errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, helper, numpy_helper
+
+from onnxgrad.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+CANONICAL_OPSET = 18
+"""Models below this default-domain opset are converted up to it; newer ones stay as they are."""
+
+FLOAT_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+    }
+)
+
+# Float inputs that hold configuration rather than weights: (op_type, input index).
+# Initializers consumed only here are not parameters.
+_CONFIG_INPUTS = frozenset(
+    {
+        ("Resize", 1),
+        ("Resize", 2),
+        ("Upsample", 1),
+        ("Clip", 1),
+        ("Clip", 2),
+        ("Pad", 2),
+        ("Dropout", 1),
+        ("BatchNormalization", 3),
+        ("BatchNormalization", 4),
+    }
+)
+
+Source = str | os.PathLike | bytes | onnx.ModelProto
+
+
+def load(
+    source: Source,
+    *,
+    convert: bool = True,
+    infer_shapes: bool = True,
+    check: bool = True,
+) -> onnx.ModelProto:
+    """Load and normalize a model.
+
+    Args:
+        source: a path, the serialized bytes, or a ModelProto (not modified).
+        convert: bring the default domain up to `CANONICAL_OPSET` where possible.
+        infer_shapes: run onnx shape inference (with data propagation).
+        check: run `onnx.checker.check_model`.
+
+    Returns:
+        A new ModelProto with external data loaded and every node named.
+
+    Raises:
+        ModelLoadError: the file is missing, malformed, truncated or fails the checker.
+    """
+    model = read(source)
+
+    # 1. Check the model as it came, so errors name what the user wrote.
+    if check:
+        try:
+            onnx.checker.check_model(model)
+        except (onnx.checker.ValidationError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise ModelLoadError(f"{_describe(source)} fails the ONNX checker: {first}") from err
+
+    # 2. Inline local functions so every stage sees plain nodes.
+    if model.functions:
+        try:
+            model = onnx.inliner.inline_local_functions(model)
+        except Exception as err:  # onnx raises bare RuntimeErrors from C++ here
+            raise ModelLoadError(f"cannot inline the local functions of {_describe(source)}: {err}")
+
+    # 3. One canonical opset, where the converter can.
+    opset = opset_of(model)
+    if convert and opset < CANONICAL_OPSET:
+        model = _convert(model, opset, source)
+
+    # 4. Names for every node, for error messages and gradient naming.
+    name_nodes(model.graph)
+
+    # 5. Shapes and types of every tensor, as far as onnx can tell.
+    if infer_shapes:
+        try:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as err:
+            logger.warning("shape inference failed on %s (%s); continuing without it", _describe(source), err)
+    return model
+
+
+def read(source: Source) -> onnx.ModelProto:
+    """Parse a model and load its external data, confined to the model's folder.
+
+    Args:
+        source: a path, the serialized bytes, or a ModelProto (copied, not modified).
+
+    Raises:
+        ModelLoadError: missing file, malformed bytes, or external data outside the folder.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        base = None
+    elif isinstance(source, (bytes, bytearray)):
+        model = _parse(bytes(source), "the given bytes")
+        base = None
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ModelLoadError(f"model file '{path}' does not exist")
+        model = _parse(path.read_bytes(), f"'{path}'")
+        base = path.resolve().parent
+    else:
+        raise ModelLoadError(
+            f"cannot load a model from {type(source).__name__}: give a path, bytes or a ModelProto"
+        )
+
+    if any(_is_external(t) for t in _all_tensors(model)):
+        if base is None:
+            raise ModelLoadError(
+                "the model refers to external data but was given without its folder: "
+                "load it from its path instead"
+            )
+        _load_external(model, base)
+    return model
+
+
+def opset_of(model: onnx.ModelProto, domain: str = "") -> int:
+    """The opset version the model imports for `domain` (0 when it imports none)."""
+    for entry in model.opset_import:
+        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return entry.version
+    return 0
+
+
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every unnamed node a deterministic, unique name (`<OpType>_<index>`)."""
+    taken = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if node.name:
+            continue
+        name = f"{node.op_type}_{i}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs of the graph: IR < 4 models also list initializers as inputs."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def trainable_parameters(model: onnx.ModelProto) -> list[str]:
+    """Names of the initializers that hold trainable weights, in graph order.
+
+    A parameter is a floating-point initializer of rank 1 or more that some node reads at a
+    position holding data (not configuration such as Resize scales, Clip bounds, or
+    BatchNormalization's running statistics). Rank-0 floats are exporter constants (the
+    1.0 of `1 - x`, the sqrt(2) of GELU), never weights.
+    """
+    consumers: dict[str, list[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node.op_type, i))
+    params = []
+    for t in model.graph.initializer:
+        if t.data_type not in FLOAT_TYPES or len(t.dims) == 0:
+            continue
+        uses = consumers.get(t.name, [])
+        if uses and all(use in _CONFIG_INPUTS for use in uses):
+            continue
+        if uses:
+            params.append(t.name)
+    return params
+
+
+def attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """Attribute values of a node: strings decoded, tensors as numpy arrays."""
+    out: dict[str, Any] = {}
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode("utf-8") for v in value]
+        elif isinstance(value, onnx.TensorProto):
+            value = numpy_helper.to_array(value)
+        out[attr.name] = value
+    return out
+
+
+def initializer_arrays(model: onnx.ModelProto, names: Iterable[str] | None = None) -> dict:
+    """The initializers of `model` as numpy arrays (all of them, or those named)."""
+    wanted = None if names is None else set(names)
+    return {
+        t.name: numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if wanted is None or t.name in wanted
+    }
+
+
+def tensor_type(model: onnx.ModelProto, name: str) -> onnx.TypeProto | None:
+    """The declared or inferred type of tensor `name`, or None when unknown."""
+    g = model.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.name == name:
+            return vi.type
+    for t in g.initializer:
+        if t.name == name:
+            return helper.make_tensor_type_proto(t.data_type, list(t.dims))
+    return None
+
+
+def _parse(data: bytes, what: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as err:  # protobuf's DecodeError and friends
+        raise ModelLoadError(
+            f"{what} is not a valid ONNX model (truncated or not protobuf): {err}"
+        ) from err
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise ModelLoadError(f"{what} is not an ONNX model: it has no graph or no IR version")
+    return model
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from external_data_helper._get_all_tensors(model)
+
+
+def _is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _load_external(model: onnx.ModelProto, base: Path) -> None:
+    for tensor in _all_tensors(model):
+        if not _is_external(tensor):
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or ".." in Path(location).parts or base not in target.parents:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' keeps its data at '{location}', outside the model's "
+                f"folder '{base}': only relative paths inside it are allowed"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' keeps its data in '{location}', which is missing next "
+                f"to the model in '{base}'"
+            )
+        try:
+            external_data_helper.load_external_data_for_tensor(tensor, str(base))
+        except Exception as err:
+            raise ModelLoadError(
+                f"cannot read the external data of tensor '{tensor.name}' from '{location}': {err}"
+            ) from err
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _convert(model: onnx.ModelProto, opset: int, source: Source) -> onnx.ModelProto:
+    try:
+        converted = onnx.version_converter.convert_version(model, CANONICAL_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as err:
+        logger.warning(
+            "%s stays at opset %d: the version converter cannot bring it to %d (%s)",
+            _describe(source),
+            opset,
+            CANONICAL_OPSET,
+            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+        )
+        return model
+    logger.debug("converted %s from opset %d to %d", _describe(source), opset, CANONICAL_OPSET)
+    return converted
+
+
+def _describe(source: Source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"'{source}'"
+    if isinstance(source, onnx.ModelProto):
+        return f"model '{source.graph.name or 'unnamed'}'"
+    return "the model"
+

@@ -1,0 +1,1 @@
+"""The executor: compile an ONNX graph once, run it with numpy kernels or onnxruntime."""
