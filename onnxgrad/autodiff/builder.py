@@ -267,7 +267,7 @@ class _Builder:
             if dx is None or not x or x not in needs:
                 continue
             if entry.broadcast:
-                dx = unbroadcast(b, dx, x, node.output[0])
+                dx = b.sum_to(dx, x, b.shape(node.output[0]))
             grads.setdefault(x, []).append(dx)
 
     # Step 4.
@@ -325,43 +325,3 @@ class _Builder:
             raise GradientError(f"the gradient graph is not valid ONNX (an onnxgrad bug): {err}") from err
         return model
 
-
-def unbroadcast(b: Emitter, dx: str, x: str, y: str) -> str:
-    """Sum `dx` (shaped like the broadcast result `y`) down to the shape of input `x`.
-
-    Static shapes give one ReduceSum over the known broadcast axes (or nothing at all);
-    symbolic ones give a small subgraph that finds those axes at run time.
-    """
-    xs, ys = b.shape(x), b.shape(y)
-    if xs is not None and ys is not None and len(xs) <= len(ys):
-        lead = len(ys) - len(xs)
-        axes = list(range(lead))
-        static = True
-        for i, d in enumerate(xs):
-            e = ys[lead + i]
-            if d == e and d is not None:
-                continue
-            if d == 1:
-                axes.append(lead + i)  # summing a dimension that is 1 at run time is harmless
-            else:
-                static = False
-                break
-        if static:
-            if not axes:
-                return dx
-            total = b.reduce_sum(dx, axes, keepdims=1)
-            if lead == 0:
-                return total
-            sx = b.static_shape(x)
-            return b.Reshape(total, b.ints(sx) if sx is not None else b.Shape(x))
-
-    # Shapes unknown until run time: reduce where x (padded with leading 1s) is 1 and dx is not.
-    sx, sd = b.Shape(x), b.Shape(dx)
-    pad = b.Reshape(b.Sub(b.Size(sd), b.Size(sx)), b.ints([1]))
-    ones = b.ConstantOfShape(pad, value=numpy_helper.from_array(np.ones(1, np.int64)))
-    padded = b.Concat(ones, sx, axis=0)
-    one = b.ints(1)
-    mask = b.And(b.Equal(padded, one), b.Not(b.Equal(sd, one)))
-    axes = b.Reshape(b.NonZero(mask), b.ints([-1]))
-    total = b.op("ReduceSum", dx, axes, keepdims=1, noop_with_empty_axes=1)
-    return b.Reshape(total, sx)

@@ -257,6 +257,47 @@ class Emitter:
             return self.Squeeze(x, self.ints(list(axes)))
         return self.Squeeze(x, axes=list(axes))
 
+    def sum_to(self, dx: str, x: str, dx_shape: Sequence[int | str | None] | None) -> str:
+        """Sum `dx` (broadcast from `x`, of shape `dx_shape`) down to the shape of `x`.
+
+        Static shapes give one ReduceSum over the known broadcast axes (or nothing at all);
+        symbolic ones give a small subgraph that finds those axes at run time. Pass
+        dx_shape=None when it is not known.
+        """
+        xs, ys = self.shape(x), dx_shape
+        if xs is not None and ys is not None and len(xs) <= len(ys):
+            lead = len(ys) - len(xs)
+            axes = list(range(lead))
+            static = True
+            for i, d in enumerate(xs):
+                e = ys[lead + i]
+                if d == e and d is not None:
+                    continue
+                if d == 1:
+                    axes.append(lead + i)  # summing a dimension that is 1 at run time is harmless
+                else:
+                    static = False
+                    break
+            if static:
+                if not axes:
+                    return dx
+                total = self.reduce_sum(dx, axes, keepdims=1)
+                if lead == 0:
+                    return total
+                sx = self.static_shape(x)
+                return self.Reshape(total, self.ints(sx) if sx is not None else self.Shape(x))
+
+        # Known only at run time: reduce where x (padded with leading 1s) is 1 and dx is not.
+        sx, sd = self.Shape(x), self.Shape(dx)
+        pad = self.Reshape(self.Sub(self.Size(sd), self.Size(sx)), self.ints([1]))
+        ones = self.ConstantOfShape(pad, value=numpy_helper.from_array(np.ones(1, np.int64)))
+        padded = self.Concat(ones, sx, axis=0)
+        one = self.ints(1)
+        mask = self.And(self.Equal(padded, one), self.Not(self.Equal(sd, one)))
+        axes = self.Reshape(self.NonZero(mask), self.ints([-1]))
+        total = self.op("ReduceSum", dx, axes, keepdims=1, noop_with_empty_axes=1)
+        return self.Reshape(total, sx)
+
 
 def _const_label(array: np.ndarray) -> str:
     if array.size == 1:
