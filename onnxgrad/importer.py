@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner
+import onnx.version_converter
 from onnx import external_data_helper, helper, numpy_helper
 
 from onnxgrad.errors import ModelLoadError

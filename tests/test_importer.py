@@ -1,0 +1,207 @@
+"""The import stage: reading, checking, normalizing, and finding parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxgrad
+from onnxgrad.errors import ModelLoadError
+from onnxgrad.importer import (
+    CANONICAL_OPSET,
+    graph_inputs,
+    load,
+    opset_of,
+    read,
+    trainable_parameters,
+)
+
+
+def linear_model(opset: int = 18, ir: int | None = None) -> onnx.ModelProto:
+    """y = x · W + b, with W and b as initializers."""
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "W")
+    b = numpy_helper.from_array(np.ones(3, np.float32), "b")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    if ir is not None:
+        model.ir_version = ir
+    return model
+
+
+def test_load_from_path_bytes_and_proto_agree(tmp_path):
+    model = linear_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    from_path = load(path)
+    from_bytes = load(model.SerializeToString())
+    from_proto = load(model)
+    assert from_path.SerializeToString() == from_bytes.SerializeToString()
+    assert from_proto.SerializeToString() == from_bytes.SerializeToString()
+    assert [n.name for n in from_path.graph.node] == ["MatMul_0", "Add_1"]
+
+
+def test_load_does_not_modify_the_given_proto():
+    model = linear_model()
+    before = model.SerializeToString()
+    load(model)
+    assert model.SerializeToString() == before
+
+
+def test_truncated_file_gives_one_clear_error(tmp_path):
+    data = linear_model().SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
+        load(path)
+
+
+def test_garbage_and_missing_files(tmp_path):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(b"\x00\x01not a model at all")
+    with pytest.raises(ModelLoadError, match="junk.onnx"):
+        load(path)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load(tmp_path / "nowhere.onnx")
+    with pytest.raises(ModelLoadError, match="give a path, bytes or a ModelProto"):
+        load(42)
+
+
+def test_checker_failure_names_the_problem():
+    model = linear_model()
+    model.graph.node[1].input[1] = "not_there"
+    with pytest.raises(ModelLoadError, match="fails the ONNX checker"):
+        load(model)
+
+
+def _external(tmp_path, location: str = "weights.bin"):
+    model = linear_model()
+    path = tmp_path / "ext.onnx"
+    onnx.save(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
+    return path
+
+
+def test_external_data_is_loaded(tmp_path):
+    path = _external(tmp_path)
+    model = load(path)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(weights["W"], np.arange(12, dtype=np.float32).reshape(4, 3) / 10)
+    assert all(t.data_location == TensorProto.DEFAULT for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd"])
+def test_external_data_outside_the_folder_is_refused(tmp_path, location):
+    path = _external(tmp_path)
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, bad)
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        load(bad)
+
+
+def test_missing_external_file_is_named(tmp_path):
+    path = _external(tmp_path)
+    (tmp_path / "weights.bin").unlink()
+    with pytest.raises(ModelLoadError, match="weights.bin"):
+        load(path)
+
+
+def test_external_data_needs_its_folder(tmp_path):
+    path = _external(tmp_path)
+    with pytest.raises(ModelLoadError, match="load it from its path"):
+        read(path.read_bytes())
+
+
+def test_local_functions_are_inlined():
+    fn = helper.make_function(
+        "local", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+        [helper.make_opsetid("", 18)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Twice", ["x"], ["y"], domain="local")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("local", 1)],
+        functions=[fn],
+    )
+    loaded = load(model)
+    assert [n.op_type for n in loaded.graph.node] == ["Add"]
+    assert not loaded.functions
+
+
+def test_old_opsets_are_converted_and_keep_their_results():
+    old = linear_model(opset=11)
+    new = load(old)
+    assert opset_of(new) == CANONICAL_OPSET
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    a = onnxgrad.Session(old).run(None, {"x": x})[0]
+    b = onnxgrad.Session(new).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_shapes_are_inferred():
+    model = load(linear_model())
+    shapes = {vi.name for vi in model.graph.value_info}
+    assert "xw" in shapes
+
+
+def test_ir3_initializers_listed_as_inputs():
+    model = linear_model(opset=8, ir=3)
+    for t in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    loaded = load(model, convert=False)
+    assert [i.name for i in graph_inputs(loaded)] == ["x"]
+    assert trainable_parameters(loaded) == ["W", "b"]
+
+
+def test_parameters_exclude_constants_and_statistics():
+    init = [
+        numpy_helper.from_array(np.ones((2, 2, 3, 3), np.float32), "w"),
+        numpy_helper.from_array(np.ones(2, np.float32), "scale"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "bias"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "mean"),
+        numpy_helper.from_array(np.ones(2, np.float32), "var"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["n"]),
+        helper.make_node("Mul", ["n", "two"], ["m"]),
+        helper.make_node("Reshape", ["m", "shape"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        init,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert trainable_parameters(model) == ["w", "scale", "bias"]
