@@ -55,6 +55,7 @@ FAMILIES = (
     "reduce",
     "index",
     "loss",
+    "math",
 )
 
 
