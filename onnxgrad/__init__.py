@@ -6,8 +6,10 @@ The pipeline, one stage a module: `load` (import) → `gradient_model` (autodiff
 
 from __future__ import annotations
 
+from onnxgrad import optim
 from onnxgrad.autodiff.builder import gradient_model
 from onnxgrad.errors import (
+    DataError,
     ExecutionError,
     ExportError,
     GradientError,
@@ -17,12 +19,15 @@ from onnxgrad.errors import (
     OnnxgradError,
     UnsupportedOpError,
 )
+from onnxgrad.export import export_training_model, save_model
 from onnxgrad.importer import load, trainable_parameters
 from onnxgrad.runtime.session import Session
+from onnxgrad.train.trainer import Trainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DataError",
     "ExecutionError",
     "ExportError",
     "GradientError",
@@ -31,8 +36,12 @@ __all__ = [
     "NonFiniteLossError",
     "OnnxgradError",
     "Session",
+    "Trainer",
     "UnsupportedOpError",
+    "export_training_model",
     "gradient_model",
     "load",
+    "optim",
+    "save_model",
     "trainable_parameters",
 ]

@@ -61,5 +61,9 @@ class NonFiniteLossError(OnnxgradError):
     """Training produced a NaN or infinite loss or gradient."""
 
 
+class DataError(OnnxgradError, ValueError):
+    """Training data that is missing, unreadable, or does not fit the model."""
+
+
 class ExportError(OnnxgradError):
     """Trained weights cannot be written back."""
