@@ -1,0 +1,206 @@
+"""Conv and ConvTranspose kernels against onnxruntime over a grid of attributes.
+
+onnxruntime runs these ops in float32 only, so float64 results are compared with its
+float32 results on the same (float32-representable) inputs. Where onnxruntime refuses a
+combination the spec allows (Conv with dilations and auto_pad=SAME_*), onnx's reference
+evaluator is the judge.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from onnxgrad.errors import ExecutionError
+from onnxgrad.runtime.session import Session
+
+
+def one_node(op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int = 1,
+             opset: int = 19) -> onnx.ModelProto:
+    """A model of one node whose inputs are graph inputs typed like the arrays given."""
+    ins = [
+        helper.make_tensor_value_info(f"in{i}", helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+        for i, a in enumerate(inputs)
+    ]
+    outs = [f"y{k}" for k in range(outputs)]
+    node = helper.make_node(op, [i.name for i in ins], outs, name="node", **attrs)
+    model = helper.make_model(helper.make_graph([node], "kernel", ins, []),
+                              opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    for name in outs:
+        model.graph.output.append(inferred[name])
+    return model
+
+
+def reference(op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int = 1,
+              opset: int = 19, judge: str = "ort") -> list[np.ndarray]:
+    """What onnxruntime (or the reference evaluator) computes; float64 runs as float32."""
+    wide = [a.dtype == np.float64 for a in inputs]
+    inputs = [a.astype(np.float32) if w else a for a, w in zip(inputs, wide)]
+    model = one_node(op, inputs, attrs, outputs, opset)
+    feeds = {f"in{i}": a for i, a in enumerate(inputs)}
+    if judge == "ort":
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                               providers=["CPUExecutionProvider"])
+        result = session.run(None, feeds)
+    else:
+        result = ReferenceEvaluator(model).run(None, feeds)
+    if any(wide):
+        result = [r.astype(np.float64) if r.dtype == np.float32 else r for r in result]
+    return result
+
+
+def check(op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int = 1,
+          opset: int = 19, judge: str = "ort", rtol: float = 1e-5) -> list[np.ndarray]:
+    """Our outputs equal the judge's in dtype, shape and value; returns ours."""
+    model = one_node(op, inputs, attrs, outputs, opset)
+    ours = Session(model).run(None, {f"in{i}": a for i, a in enumerate(inputs)})
+    theirs = reference(op, inputs, attrs, outputs, opset, judge)
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        assert a.dtype == b.dtype, f"output {k}: dtype {a.dtype} vs {b.dtype}"
+        assert a.shape == b.shape, f"output {k}: shape {a.shape} vs {b.shape}"
+        scale = max(1.0, float(np.max(np.abs(b), initial=0.0)))
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale, err_msg=f"output {k}")
+    return ours
+
+
+def sample(shape, dtype=np.float32, seed=0) -> np.ndarray:
+    """Standard normal values, rounded to float32 so both precisions see the same input."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape).astype(np.float32).astype(dtype)
+
+
+SPATIAL = {1: ([7], [3]), 2: ([6, 7], [3, 2]), 3: ([5, 4, 5], [2, 2, 3])}
+GROUPS = {"g1": (1, 2, 3), "g2": (2, 4, 6), "depthwise": (4, 4, 4)}  # group, C, M
+PADDINGS = ("none", "pads", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+
+def _padding(mode: str, nsp: int) -> dict:
+    if mode == "pads":
+        return {"pads": [1] * nsp + [2] * nsp}
+    if mode == "none":
+        return {}
+    return {"auto_pad": mode}
+
+
+CONV = []
+for _nsp, _g, _s, _d, _mode in itertools.product((1, 2, 3), GROUPS, (1, 2, 3), (1, 2), PADDINGS):
+    if _nsp == 3 and (_s, _d) == (3, 2):
+        continue  # the kernel no longer fits the small 3-D input
+    CONV.append(pytest.param(_nsp, _g, _s, _d, _mode, id=f"{_nsp}d-{_g}-s{_s}-d{_d}-{_mode}"))
+
+
+@pytest.mark.parametrize("nsp, groups, stride, dilation, mode", CONV)
+def test_conv(nsp, groups, stride, dilation, mode):
+    group, c, m = GROUPS[groups]
+    sizes, kernel = SPATIAL[nsp]
+    attrs = dict(strides=[stride] * nsp, dilations=[dilation] * nsp, group=group,
+                 **_padding(mode, nsp))
+    if stride == 2:
+        attrs["kernel_shape"] = kernel
+    judge = "onnx" if dilation > 1 and mode.startswith("SAME") else "ort"
+    x, w, b = sample((2, c, *sizes)), sample((m, c // group, *kernel), seed=1), sample((m,), seed=2)
+    inputs = [x, w, b] if stride != 1 else [x, w]  # the bias is optional
+    check("Conv", inputs, attrs, judge=judge)
+
+
+@pytest.mark.parametrize("nsp", [1, 2, 3])
+def test_conv_float64(nsp):
+    sizes, kernel = SPATIAL[nsp]
+    attrs = dict(strides=[2] * nsp, pads=[1] * nsp + [0] * nsp, group=2)
+    x, w = sample((2, 4, *sizes), np.float64), sample((4, 2, *kernel), np.float64, seed=1)
+    (y,) = check("Conv", [x, w, sample((4,), np.float64, seed=2)], attrs)
+    assert y.dtype == np.float64
+
+
+@pytest.mark.parametrize(
+    "x, w, attrs",
+    [
+        ((2, 3, 5, 5), (4, 3, 1, 1), {}),
+        ((2, 4, 6, 7), (6, 2, 5, 6), {"group": 2}),  # more kernel taps than outputs
+        ((3, 2, 9), (4, 2, 4), {"strides": [1], "dilations": [2], "pads": [0, 1]}),
+        ((4, 2, 9, 8), (3, 2, 4, 3), {"dilations": [2, 2], "strides": [2, 3],
+                                      "pads": [1, 0, 1, 1]}),
+    ],
+    ids=["1x1", "big_kernel_group2", "big_kernel_1d", "big_kernel_dilated"],
+)
+def test_conv_layouts(x, w, attrs):
+    (y,) = check("Conv", [sample(x), sample(w, seed=1)], attrs)
+    assert y.dtype == np.float32 and y.flags.c_contiguous
+
+
+@pytest.mark.parametrize(
+    "op, x, w, attrs, message",
+    [
+        ("Conv", (1, 4, 5), (2, 4, 3), {"group": 2}, "group=2"),
+        ("Conv", (1, 2, 3), (2, 2, 4), {}, "does not fit"),
+        ("ConvTranspose", (1, 2, 2), (2, 2, 2), {"pads": [2, 2]}, "no output"),
+    ],
+)
+def test_bad_geometry_is_an_execution_error(op, x, w, attrs, message):
+    inputs = [sample(x), sample(w)]
+    ins = [helper.make_tensor_value_info(f"in{i}", onnx.TensorProto.FLOAT, a.shape)
+           for i, a in enumerate(inputs)]
+    out = helper.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, ["n", "c", "l"])
+    node = helper.make_node(op, ["in0", "in1"], ["y0"], name="node", **attrs)
+    model = helper.make_model(helper.make_graph([node], "bad", ins, [out]),
+                              opset_imports=[helper.make_opsetid("", 19)])
+    with pytest.raises(ExecutionError, match=message):
+        Session(model).run(None, {"in0": inputs[0], "in1": inputs[1]})
+
+
+CT_MODES = ("none", "pads", "output_padding", "output_shape", "output_shape_long", "SAME_UPPER",
+            "SAME_LOWER", "VALID")
+CT_SPATIAL = {1: ([4], [3]), 2: ([3, 4], [3, 2]), 3: ([3, 2, 3], [2, 2, 3])}
+
+
+def _ct_attrs(mode: str, nsp: int, stride: int, sizes) -> dict:
+    if mode == "pads":
+        return {"pads": [1] * nsp + [0] * nsp}
+    if mode == "output_padding":
+        return {"pads": [0] * nsp + [1] * nsp, "output_padding": [stride - 1] * nsp}
+    if mode == "output_shape":
+        return {"output_shape": [stride * s - 1 for s in sizes]}
+    if mode == "output_shape_long":  # longer than the full result: zeros at the end
+        return {"output_shape": [stride * s + 1 for s in sizes]}
+    if mode == "none":
+        return {}
+    return {"auto_pad": mode}
+
+
+CONV_T = []
+for _nsp, _g, _s, _d, _mode in itertools.product((1, 2, 3), GROUPS, (1, 2, 3), (1, 2), CT_MODES):
+    if _mode == "output_padding" and _s == 1 and _d == 1:
+        continue  # output_padding must stay below the stride or the dilation
+    CONV_T.append(pytest.param(_nsp, _g, _s, _d, _mode, id=f"{_nsp}d-{_g}-s{_s}-d{_d}-{_mode}"))
+
+
+@pytest.mark.parametrize("nsp, groups, stride, dilation, mode", CONV_T)
+def test_conv_transpose(nsp, groups, stride, dilation, mode):
+    group, c, m = GROUPS[groups]
+    sizes, kernel = CT_SPATIAL[nsp]
+    attrs = dict(strides=[stride] * nsp, dilations=[dilation] * nsp, group=group,
+                 **_ct_attrs(mode, nsp, stride, sizes))
+    x, w, b = sample((2, c, *sizes)), sample((c, m // group, *kernel), seed=1), sample((m,), seed=2)
+    inputs = [x, w, b] if stride != 1 else [x, w]
+    check("ConvTranspose", inputs, attrs)
+
+
+@pytest.mark.parametrize("nsp", [1, 2, 3])
+def test_conv_transpose_float64(nsp):
+    sizes, kernel = CT_SPATIAL[nsp]
+    attrs = dict(strides=[2] * nsp, pads=[1] * nsp + [0] * nsp, output_padding=[1] * nsp)
+    x, w = sample((2, 3, *sizes), np.float64), sample((3, 2, *kernel), np.float64, seed=1)
+    (y,) = check("ConvTranspose", [x, w], attrs)
+    assert y.dtype == np.float64
