@@ -91,10 +91,19 @@ def _build_parser() -> argparse.ArgumentParser:
     # Common options may come before or after the subcommand; SUPPRESS keeps a subcommand
     # from resetting what was given before it.
     common = _Parser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show tracebacks and debug logging")
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="show info logging (training progress, graph building)")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks and debug logging",
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show info logging (training progress, graph building)",
+    )
     parser.set_defaults(debug=False, verbose=False)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("-v", "--verbose", action="store_true", help="show info logging")
@@ -102,68 +111,156 @@ def _build_parser() -> argparse.ArgumentParser:
 
     # train
     p = commands.add_parser(
-        "train", parents=[common], help="fine-tune a model on data from an .npz file",
+        "train",
+        parents=[common],
+        help="fine-tune a model on data from an .npz file",
         description="Fine-tune MODEL on DATA and write the tuned model. The held-out loss and "
         "accuracy (on --eval, else on a --val-split of DATA) are shown before and after.",
     )
     p.add_argument("model", metavar="MODEL", help="the .onnx model to fine-tune")
-    p.add_argument("--data", required=True, metavar="DATA.npz",
-                   help="training data: one array per model input, and 'target'")
-    p.add_argument("-o", "--output-model", required=True, metavar="OUT.onnx", dest="out",
-                   help="where to write the tuned model")
-    p.add_argument("--loss", default="cross_entropy", type=_choice("--loss", LOSS_KINDS),
-                   help=f"the loss: {', '.join(LOSS_KINDS)} (default: cross_entropy)")
-    p.add_argument("--output", default=None, metavar="NAME",
-                   help="the model output the loss reads (default: the only output)")
-    p.add_argument("--optimizer", default="adam", type=_choice("--optimizer", OPTIMIZERS),
-                   help="sgd, adam or adamw (default: adam)")
-    p.add_argument("--lr", type=_positive_float("--lr"), default=None,
-                   help="learning rate (default: 0.01 for sgd, 0.001 for adam and adamw)")
-    p.add_argument("--momentum", type=_nonnegative_float("--momentum"), default=0.0,
-                   help="SGD momentum (default: 0)")
-    p.add_argument("--weight-decay", type=_nonnegative_float("--weight-decay"), default=None,
-                   help="weight decay (default: 0, or 0.01 for adamw)")
-    p.add_argument("--epochs", type=_positive_int("--epochs"), default=5,
-                   help="passes over the data (default: 5)")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32,
-                   help="samples per step (default: 32)")
-    p.add_argument("--trainable", nargs="+", metavar="NAME_OR_GLOB", default=None,
-                   help="parameters to train, by name or glob (default: all trainable ones)")
-    p.add_argument("--val-split", type=_fraction("--val-split"), default=None,
-                   help="share of DATA held out for evaluation when --eval is not given "
-                   "(default: 0.1; 0 to train on everything)")
-    p.add_argument("--eval", default=None, metavar="DATA.npz", dest="eval_data",
-                   help="held-out data to evaluate before, during and after training")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds the validation split and the shuffling (default: 0)")
-    p.add_argument("--backend", default="numpy", type=_choice("--backend", BACKENDS),
-                   help="the executor: numpy or onnxruntime (default: numpy)")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA.npz",
+        help="training data: one array per model input, and 'target'",
+    )
+    p.add_argument(
+        "-o",
+        "--output-model",
+        required=True,
+        metavar="OUT.onnx",
+        dest="out",
+        help="where to write the tuned model",
+    )
+    p.add_argument(
+        "--loss",
+        default="cross_entropy",
+        type=_choice("--loss", LOSS_KINDS),
+        help=f"the loss: {', '.join(LOSS_KINDS)} (default: cross_entropy)",
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="NAME",
+        help="the model output the loss reads (default: the only output)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="adam",
+        type=_choice("--optimizer", OPTIMIZERS),
+        help="sgd, adam or adamw (default: adam)",
+    )
+    p.add_argument(
+        "--lr",
+        type=_positive_float("--lr"),
+        default=None,
+        help="learning rate (default: 0.01 for sgd, 0.001 for adam and adamw)",
+    )
+    p.add_argument(
+        "--momentum",
+        type=_nonnegative_float("--momentum"),
+        default=0.0,
+        help="SGD momentum (default: 0)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=_nonnegative_float("--weight-decay"),
+        default=None,
+        help="weight decay (default: 0, or 0.01 for adamw)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=_positive_int("--epochs"),
+        default=5,
+        help="passes over the data (default: 5)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int("--batch-size"),
+        default=32,
+        help="samples per step (default: 32)",
+    )
+    p.add_argument(
+        "--trainable",
+        nargs="+",
+        metavar="NAME_OR_GLOB",
+        default=None,
+        help="parameters to train, by name or glob (default: all trainable ones)",
+    )
+    p.add_argument(
+        "--val-split",
+        type=_fraction("--val-split"),
+        default=None,
+        help="share of DATA held out for evaluation when --eval is not given "
+        "(default: 0.1; 0 to train on everything)",
+    )
+    p.add_argument(
+        "--eval",
+        default=None,
+        metavar="DATA.npz",
+        dest="eval_data",
+        help="held-out data to evaluate before, during and after training",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the validation split and the shuffling (default: 0)",
+    )
+    p.add_argument(
+        "--backend",
+        default="numpy",
+        type=_choice("--backend", BACKENDS),
+        help="the executor: numpy or onnxruntime (default: numpy)",
+    )
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
     p.set_defaults(run=_cmd_train)
 
     # grad
     p = commands.add_parser(
-        "grad", parents=[common], help="write the training graph (forward and backward)",
+        "grad",
+        parents=[common],
+        help="write the training graph (forward and backward)",
         description="Write a model that computes the loss and its gradients, with standard "
         "ONNX ops only. --loss names a model output, or a loss kind to append first (it adds "
         "a 'target' input).",
     )
     p.add_argument("model", metavar="MODEL", help="the .onnx model")
-    p.add_argument("-o", "--output-model", required=True, metavar="TRAINING.onnx", dest="out",
-                   help="where to write the gradient model")
-    p.add_argument("--loss", default=None, metavar="NAME",
-                   help=f"a model output, or one of {', '.join(LOSS_KINDS)} "
-                   "(default: the only output)")
-    p.add_argument("--output", default=None, metavar="NAME",
-                   help="with a loss kind: the output it reads (default: the only output)")
-    p.add_argument("--wrt", nargs="+", default=None, metavar="NAME_OR_GLOB",
-                   help="tensors to differentiate with respect to; globs match trainable "
-                   "parameters (default: every trainable parameter)")
+    p.add_argument(
+        "-o",
+        "--output-model",
+        required=True,
+        metavar="TRAINING.onnx",
+        dest="out",
+        help="where to write the gradient model",
+    )
+    p.add_argument(
+        "--loss",
+        default=None,
+        metavar="NAME",
+        help=f"a model output, or one of {', '.join(LOSS_KINDS)} (default: the only output)",
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="NAME",
+        help="with a loss kind: the output it reads (default: the only output)",
+    )
+    p.add_argument(
+        "--wrt",
+        nargs="+",
+        default=None,
+        metavar="NAME_OR_GLOB",
+        help="tensors to differentiate with respect to; globs match trainable "
+        "parameters (default: every trainable parameter)",
+    )
     p.set_defaults(run=_cmd_grad)
 
     # info
     p = commands.add_parser(
-        "info", parents=[common], help="show inputs, outputs, parameters, ops, missing rules",
+        "info",
+        parents=[common],
+        help="show inputs, outputs, parameters, ops, missing rules",
         description="Describe MODEL: inputs, outputs, trainable parameters, op types, and the "
         "ops on the path to the outputs that lack a gradient rule.",
     )
@@ -172,19 +269,39 @@ def _build_parser() -> argparse.ArgumentParser:
 
     # run
     p = commands.add_parser(
-        "run", parents=[common], help="run a model on data from an .npz file",
+        "run",
+        parents=[common],
+        help="run a model on data from an .npz file",
         description="Run MODEL on DATA; print the output shapes, and the accuracy when DATA "
         "holds a 'target' array.",
     )
     p.add_argument("model", metavar="MODEL", help="the .onnx model")
-    p.add_argument("--data", required=True, metavar="DATA.npz",
-                   help="one array per model input (and optionally 'target')")
-    p.add_argument("-o", "--output-data", default=None, metavar="OUT.npz", dest="out",
-                   help="write the outputs here, one array per output name")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=256,
-                   help="samples per run (default: 256)")
-    p.add_argument("--backend", default="numpy", type=_choice("--backend", BACKENDS),
-                   help="the executor: numpy or onnxruntime (default: numpy)")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA.npz",
+        help="one array per model input (and optionally 'target')",
+    )
+    p.add_argument(
+        "-o",
+        "--output-data",
+        default=None,
+        metavar="OUT.npz",
+        dest="out",
+        help="write the outputs here, one array per output name",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int("--batch-size"),
+        default=256,
+        help="samples per run (default: 256)",
+    )
+    p.add_argument(
+        "--backend",
+        default="numpy",
+        type=_choice("--backend", BACKENDS),
+        help="the executor: numpy or onnxruntime (default: numpy)",
+    )
     p.set_defaults(run=_cmd_run)
     return parser
 
@@ -262,12 +379,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     trainable = None
     if args.trainable is not None:
         trainable = _expand(args.trainable, trainable_parameters(model), "--trainable")
-    trainer = Trainer(args.model, loss=args.loss, optimizer=optimizer, trainable=trainable,
-                      output=args.output, backend=args.backend)
+    trainer = Trainer(
+        args.model,
+        loss=args.loss,
+        optimizer=optimizer,
+        trainable=trainable,
+        output=args.output,
+        backend=args.backend,
+    )
     n_train = data.num_samples(inputs, targets)
     print(f"model: {args.model}")
-    print(f"training on {n_train} samples from '{args.data}': loss {args.loss}, {optimizer}, "
-          f"{args.epochs} epoch(s) of batch size {args.batch_size}")
+    print(
+        f"training on {n_train} samples from '{args.data}': loss {args.loss}, {optimizer}, "
+        f"{args.epochs} epoch(s) of batch size {args.batch_size}"
+    )
     sizes = [int(np.prod(p.shape)) for p in trainer.parameters.values()]
     print(f"trainable parameters: {len(sizes)} tensor(s), {sum(sizes):,} element(s)")
 
@@ -279,16 +404,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if held is not None:
         print(f"held-out: {data.num_samples(held, held_targets)} samples from {held_from}")
         print(f"before: {evaluate()}")
-    for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
-        history = trainer.fit(inputs, targets, epochs=1, batch_size=args.batch_size,
-                              val_split=0.0, shuffle=True, seed=args.seed + epoch,
-                              progress=args.progress)
-        seconds = time.perf_counter() - start
-        line = f"epoch {epoch}/{args.epochs}: train loss {history[-1]['loss']:.4f}"
-        if held is not None:
-            line += f", held-out {evaluate()}"
-        print(f"{line} ({seconds:.1f} s)")
+
+    def report(record: dict) -> None:
+        line = f"epoch {record['epoch']}/{args.epochs}: train loss {record['loss']:.4f}"
+        if record["val_loss"] is not None:
+            scores = {"loss": record["val_loss"], "accuracy": record["val_accuracy"]}
+            line += f", held-out {_scores(scores)}"
+        print(f"{line} ({record['seconds']:.1f} s)", flush=True)
+
+    trainer.fit(
+        inputs,
+        targets,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        shuffle=True,
+        seed=args.seed,
+        progress=args.progress,
+        validation_data=None if held is None else (held, held_targets),
+        callback=report,
+    )
     if held is not None:
         print(f"after: {evaluate()}")
 
@@ -303,8 +437,9 @@ def _optimizer(args: argparse.Namespace):
 
     try:
         if args.optimizer == "sgd":
-            return optim.SGD(lr=args.lr or 0.01, momentum=args.momentum,
-                             weight_decay=args.weight_decay or 0.0)
+            return optim.SGD(
+                lr=args.lr or 0.01, momentum=args.momentum, weight_decay=args.weight_decay or 0.0
+            )
         if args.momentum:
             raise UsageError(f"--momentum applies to sgd only, not {args.optimizer}")
         if args.optimizer == "adam":
@@ -467,7 +602,8 @@ def _missing_rules(model: onnx.ModelProto, params: Sequence[str]) -> list[onnx.N
             reaches.update(i for i in node.input if i)
             on_path.append(node)
     return [
-        n for n in reversed(on_path)
+        n
+        for n in reversed(on_path)
         if any(i in reached for i in n.input if i) and lookup(n.op_type, n.domain) is None
     ]
 
@@ -485,8 +621,7 @@ def _type_text(tp: onnx.TypeProto) -> str:
     if not tt.HasField("shape"):
         return f"{dtype} (shape unknown)"
     dims = [
-        str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
-        for d in tt.shape.dim
+        str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim
     ]
     return f"{dtype} [{', '.join(dims)}]"
 

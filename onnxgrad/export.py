@@ -29,7 +29,12 @@ logger = logging.getLogger(__name__)
 
 # Where a TensorProto may hold its values; a replaced tensor has them all cleared first.
 _DATA_FIELDS = (
-    "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data",
+    "float_data",
+    "int32_data",
+    "string_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
     "raw_data",
 )
 
@@ -88,11 +93,13 @@ def save_model(
 
     # 3. External data: copy every file the model refers to, patching the trained regions,
     #    then the model; all to temporary files, renamed into place only once all are written.
-    locations = sorted({
-        _external_info(t).get("location", "")
-        for t in external_data_helper._get_all_tensors(model)
-        if t.data_location == onnx.TensorProto.EXTERNAL
-    })
+    locations = sorted(
+        {
+            _external_info(t).get("location", "")
+            for t in external_data_helper._get_all_tensors(model)
+            if t.data_location == onnx.TensorProto.EXTERNAL
+        }
+    )
     if locations and base is None:
         raise ExportError(
             "the model refers to external data but was given as bytes or a proto, without its "
@@ -160,8 +167,9 @@ def export_training_model(
             tmp_dir = tempfile.mkdtemp(dir=folder, prefix=f".{path.name}.")
             try:
                 external_data_helper.write_external_data_tensors(model, tmp_dir)
-                staged.append((_stage_move(Path(tmp_dir) / location, folder, location),
-                               folder / location))
+                staged.append(
+                    (_stage_move(Path(tmp_dir) / location, folder, location), folder / location)
+                )
             finally:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
         staged.append((_stage_bytes(folder, path.name, _serialize(model)), path.resolve()))

@@ -49,7 +49,9 @@ class GradReport:
 
     def ok(self, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
         """Whether every entry agrees within atol + rtol · |numeric|."""
-        return bool(np.all(np.abs(self.analytic - self.numeric) <= atol + rtol * np.abs(self.numeric)))
+        return bool(
+            np.all(np.abs(self.analytic - self.numeric) <= atol + rtol * np.abs(self.numeric))
+        )
 
 
 def check_gradients(
@@ -82,7 +84,7 @@ def check_gradients(
     model = load(model)
     grad = gradient_model(model, wrt=wrt, loss=loss)
     loss = loss or model.graph.output[0].name
-    wrt_names = [o.name[: -len(GRAD_SUFFIX)] for o in grad.graph.output[len(model.graph.output):]]
+    wrt_names = [o.name[: -len(GRAD_SUFFIX)] for o in grad.graph.output[len(model.graph.output) :]]
     rng = np.random.default_rng(seed)
     forward = Session(model)
     backward = Session(grad)

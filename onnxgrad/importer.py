@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx.inliner
 import onnx.version_converter
@@ -107,7 +106,9 @@ def load(
         try:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception as err:
-            logger.warning("shape inference failed on %s (%s); continuing without it", _describe(source), err)
+            logger.warning(
+                "shape inference failed on %s (%s); continuing without it", _describe(source), err
+            )
     return model
 
 
@@ -309,4 +310,3 @@ def _describe(source: Source) -> str:
     if isinstance(source, onnx.ModelProto):
         return f"model '{source.graph.name or 'unnamed'}'"
     return "the model"
-

@@ -172,7 +172,9 @@ def build(case: Case, dtype=np.float64, seed: int = 0):
         r = numpy_helper.from_array(rng.standard_normal(out.shape).astype(out.dtype), f"r{k}")
         inits.append(r)
         nodes.append(helper.make_node("Mul", [outs[k], r.name], [f"ry{k}"], name=f"weigh{k}"))
-        nodes.append(helper.make_node("ReduceSum", [f"ry{k}"], [f"l{k}"], name=f"sum{k}", keepdims=0))
+        nodes.append(
+            helper.make_node("ReduceSum", [f"ry{k}"], [f"l{k}"], name=f"sum{k}", keepdims=0)
+        )
         term = f"l{k}"
         if out.dtype != np.dtype(dtype):  # a Cast's output: the loss stays in the case's type
             nodes.append(helper.make_node("Cast", [term], [f"{term}_cast"], to=onnx_type))

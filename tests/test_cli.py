@@ -31,7 +31,10 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess:
     """Run `python -m onnxgrad ARGS` and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "onnxgrad", *map(str, args)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
     )
 
 
@@ -48,8 +51,22 @@ def tuned(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The example CNN fine-tuned for two epochs by `python -m onnxgrad train`."""
     out = tmp_path_factory.mktemp("cli") / "tuned.onnx"
     result = cli(
-        "train", CNN, "--data", TRAIN, "--eval", TEST, "-o", out,
-        "--epochs", "2", "--batch-size", "32", "--optimizer", "adam", "--lr", "0.01",
+        "train",
+        CNN,
+        "--data",
+        TRAIN,
+        "--eval",
+        TEST,
+        "-o",
+        out,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.01",
     )
     return out, result
 
@@ -94,11 +111,30 @@ def test_tuned_model_same_in_onnxruntime_and_onnxgrad(tuned):
 
 def test_train_in_process_with_sgd_and_frozen_features(tmp_path, capsys):
     out = tmp_path / "head.onnx"
-    code = main([
-        "train", str(CNN), "--data", str(TRAIN), "-o", str(out), "--epochs", "1",
-        "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--trainable", "fc.*",
-        "--val-split", "0.2", "--seed", "3",
-    ])
+    code = main(
+        [
+            "train",
+            str(CNN),
+            "--data",
+            str(TRAIN),
+            "-o",
+            str(out),
+            "--epochs",
+            "1",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.05",
+            "--momentum",
+            "0.9",
+            "--trainable",
+            "fc.*",
+            "--val-split",
+            "0.2",
+            "--seed",
+            "3",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "trainable parameters: 2 tensor(s), 2,570 element(s)" in captured.out
@@ -127,7 +163,7 @@ def test_grad_appends_a_loss_and_passes_the_full_checker(tmp_path, capsys):
     assert "target" in [i.name for i in model.graph.input]
     outputs = [o.name for o in model.graph.output]
     params = onnxgrad.trainable_parameters(onnxgrad.load(str(CNN)))
-    assert outputs[-len(params):] == [f"{p}_grad" for p in params]
+    assert outputs[-len(params) :] == [f"{p}_grad" for p in params]
     assert not list(tmp_path.glob(".*.tmp")), "the temporary file was left behind"
 
 
@@ -139,7 +175,10 @@ def test_grad_on_an_output_with_globbed_wrt(tmp_path, capsys):
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     assert [o.name for o in model.graph.output] == [
-        "logits", "fc.weight_grad", "fc.bias_grad", "input_grad"
+        "logits",
+        "fc.weight_grad",
+        "fc.bias_grad",
+        "input_grad",
     ]
 
     # The gradient graph runs in onnxruntime as in onnxgrad.
@@ -177,8 +216,11 @@ def test_info_names_every_node_without_a_rule(tmp_path, capsys):
         helper.make_node("Frob", ["b"], ["y"], domain="com.example", name="frob2"),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])], [w],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])],
+        [w],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)]
@@ -248,16 +290,29 @@ def test_bad_loss_subprocess(tmp_path):
         (["grad", str(CNN), "--loss", "nonsense", "-o", "{tmp}/g.onnx"], "nonsense"),
         (["grad", str(CNN), "--wrt", "conv9.*", "-o", "{tmp}/g.onnx"], "conv9.*"),
         (["run", str(CNN), "--data", "{tmp}/missing.npz"], "missing.npz"),
-        (["train", str(CNN), "--data", str(TRAIN), "-o", "{tmp}/t.onnx", "--epochs", "0"],
-         "--epochs"),
-        (["train", str(CNN), "--data", str(TRAIN), "-o", "{tmp}/t.onnx", "--trainable", "nope"],
-         "nope"),
+        (
+            ["train", str(CNN), "--data", str(TRAIN), "-o", "{tmp}/t.onnx", "--epochs", "0"],
+            "--epochs",
+        ),
+        (
+            ["train", str(CNN), "--data", str(TRAIN), "-o", "{tmp}/t.onnx", "--trainable", "nope"],
+            "nope",
+        ),
         (["grad", str(CNN), "-o", "{tmp}/no/such/folder/g.onnx"], "does not exist"),
         (["frobnicate"], "frobnicate"),
         ([], "required"),
     ],
-    ids=["missing-model", "bad-grad-loss", "bad-wrt-glob", "missing-data", "zero-epochs",
-         "bad-trainable", "missing-out-folder", "bad-command", "no-command"],
+    ids=[
+        "missing-model",
+        "bad-grad-loss",
+        "bad-wrt-glob",
+        "missing-data",
+        "zero-epochs",
+        "bad-trainable",
+        "missing-out-folder",
+        "bad-command",
+        "no-command",
+    ],
 )
 def test_errors_in_process(tmp_path, capsys, argv, expected):
     argv = [a.format(tmp=tmp_path) for a in argv]

@@ -30,14 +30,20 @@ def gemm_model(opset: int = 18, seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Gemm", ["r", "W2", "b2"], ["y"], name="fc2", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "gemm_mlp",
+        nodes,
+        "gemm_mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
         doc_string="two layers",
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="tests", producer_version="1.0", model_version=7)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opset)],
+        producer_name="tests",
+        producer_version="1.0",
+        model_version=7,
+    )
     model.ir_version = 8
     helper.set_model_props(model, {"license": "none"})
     return model
@@ -73,8 +79,9 @@ def blanked(model: onnx.ModelProto) -> bytes:
 def check_runs_like(trainer: Trainer, path) -> None:
     x, _ = data(8, seed=5)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(["y"], {"x": x})[0], trainer.predict(x), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        session.run(["y"], {"x": x})[0], trainer.predict(x), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_only_initializer_values_change(tmp_path):
@@ -123,10 +130,12 @@ def test_external_data_stays_external(tmp_path, layout):
     src_dir.mkdir()
     if "/" in layout.get("location", ""):
         (src_dir / "data").mkdir()  # onnx does not create the subfolder itself
-    onnx.save(gemm_model(), src_dir / "model.onnx", save_as_external_data=True,
-              size_threshold=0, **layout)
-    original_files = {p.relative_to(src_dir): p.read_bytes() for p in src_dir.rglob("*")
-                      if p.is_file()}
+    onnx.save(
+        gemm_model(), src_dir / "model.onnx", save_as_external_data=True, size_threshold=0, **layout
+    )
+    original_files = {
+        p.relative_to(src_dir): p.read_bytes() for p in src_dir.rglob("*") if p.is_file()
+    }
     trainer = trained(str(src_dir / "model.onnx"), trainable=["W1", "b1"])
     trainer.save(out_dir / "model.onnx")
 
@@ -150,8 +159,14 @@ def test_external_data_stays_external(tmp_path, layout):
 
 
 def test_overwrite_in_place(tmp_path):
-    onnx.save(gemm_model(), tmp_path / "model.onnx", save_as_external_data=True,
-              all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save(
+        gemm_model(),
+        tmp_path / "model.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     trainer = trained(str(tmp_path / "model.onnx"))
     trainer.save(tmp_path / "model.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "weights.bin"]
@@ -161,8 +176,14 @@ def test_overwrite_in_place(tmp_path):
 
 
 def test_never_overwrites_the_external_data_of_the_original(tmp_path):
-    onnx.save(gemm_model(), tmp_path / "model.onnx", save_as_external_data=True,
-              all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save(
+        gemm_model(),
+        tmp_path / "model.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     before = (tmp_path / "weights.bin").read_bytes()
     trainer = trained(str(tmp_path / "model.onnx"))
     with pytest.raises(ExportError, match=r"overwrite the external data.*weights\.bin"):
@@ -191,8 +212,14 @@ def test_errors_leave_nothing_behind(tmp_path):
 
 
 def test_external_data_needs_its_folder(tmp_path):
-    onnx.save(gemm_model(), tmp_path / "model.onnx", save_as_external_data=True,
-              all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    onnx.save(
+        gemm_model(),
+        tmp_path / "model.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     raw = onnx.load(tmp_path / "model.onnx", load_external_data=False)
     with pytest.raises(ExportError, match="path"):
         save_model(raw.SerializeToString(), {}, tmp_path / "out.onnx")

@@ -136,7 +136,11 @@ def test_external_data_needs_its_folder(tmp_path):
 
 def test_local_functions_are_inlined():
     fn = helper.make_function(
-        "local", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+        "local",
+        "Twice",
+        ["a"],
+        ["b"],
+        [helper.make_node("Add", ["a", "a"], ["b"])],
         [helper.make_opsetid("", 18)],
     )
     graph = helper.make_graph(

@@ -126,8 +126,9 @@ def test_gradients_match_torch(exports, kind, exporter, dtype, record_property):
 
     worst = max(errors, key=errors.get)
     record_property("worst_rel_error", errors[worst])
-    logger.info("%s-%s-%s: worst relative error %.3g (%s)", kind, exporter, dtype,
-                errors[worst], worst)
+    logger.info(
+        "%s-%s-%s: worst relative error %.3g (%s)", kind, exporter, dtype, errors[worst], worst
+    )
     bad = {k: f"{v:.3g}" for k, v in errors.items() if not v <= TOLERANCE[dtype]}
     assert not bad, f"relative errors above {TOLERANCE[dtype]:g} against torch: {bad}"
 

@@ -145,7 +145,8 @@ class _Builder:
             return outputs[0]
         if loss not in outputs:
             raise GradientError(
-                f"loss '{loss}' is not an output of the model; its outputs are: {', '.join(outputs)}"
+                f"loss '{loss}' is not an output of the model; its outputs are: "
+                f"{', '.join(outputs)}"
             )
         return loss
 
@@ -217,7 +218,11 @@ class _Builder:
         shape = self.info.shapes.get(loss)
         dtype = self.info.dtypes.get(loss, onnx.TensorProto.FLOAT)
         b = self.root.scoped(f"{loss}{GRAD_SUFFIX}/")
-        if shape is not None and all(isinstance(d, int) for d in shape) and int(np.prod(shape)) == 1:
+        if (
+            shape is not None
+            and all(isinstance(d, int) for d in shape)
+            and int(np.prod(shape)) == 1
+        ):
             return b.const(np.ones(shape), dtype=dtype), None
         if shape is None:
             logger.warning("loss '%s' has an unknown shape: taking the gradient of its sum", loss)
@@ -229,7 +234,9 @@ class _Builder:
         self.info.shapes[name] = list(shape)
         return name, vi
 
-    def _accumulate(self, name: str, grads: dict[str, list[str]], final: dict[str, str]) -> str | None:
+    def _accumulate(
+        self, name: str, grads: dict[str, list[str]], final: dict[str, str]
+    ) -> str | None:
         parts = grads.get(name)
         if not parts:
             return None
@@ -256,13 +263,17 @@ class _Builder:
         )
         b = self.root.scoped(f"{node.name}{GRAD_SUFFIX}/")
         dxs = list(entry.fn(b, view, dys))
-        if any(dx is not None for dx in dxs[len(node.input):]):
+        if any(dx is not None for dx in dxs[len(node.input) :]):
             raise GradientError(
                 f"the {node.op_type} rule returned {len(dxs)} gradients for {len(node.input)} "
                 f"inputs at node '{node.name}'"
             )
-        logger.debug("backward of %s '%s': %d input gradients", node.op_type, node.name,
-                     sum(dx is not None for dx in dxs))
+        logger.debug(
+            "backward of %s '%s': %d input gradients",
+            node.op_type,
+            node.name,
+            sum(dx is not None for dx in dxs),
+        )
         for x, dx in zip(node.input, dxs):
             if dx is None or not x or x not in needs:
                 continue
@@ -329,4 +340,3 @@ class _Builder:
         except Exception as err:  # onnx's own function bodies can fail its type check
             logger.warning("shape inference failed on the gradient graph: %s", err)
         return model
-

@@ -18,8 +18,19 @@ import onnx
 from onnx import helper, numpy_helper
 
 _BOOL_OPS = frozenset(
-    {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor",
-     "IsNaN", "IsInf"}
+    {
+        "Equal",
+        "Less",
+        "LessOrEqual",
+        "Greater",
+        "GreaterOrEqual",
+        "Not",
+        "And",
+        "Or",
+        "Xor",
+        "IsNaN",
+        "IsInf",
+    }
 )
 _INT64_OPS = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})
 
@@ -150,8 +161,15 @@ class Emitter:
 
         return emit
 
-    def op(self, op_type: str, *inputs: str | None, outputs: int = 1, name: str | None = None,
-           domain: str = "", **attrs: Any):
+    def op(
+        self,
+        op_type: str,
+        *inputs: str | None,
+        outputs: int = 1,
+        name: str | None = None,
+        domain: str = "",
+        **attrs: Any,
+    ):
         """Append one node and return its output name (or a tuple for several outputs)."""
         base = self._fresh(f"{self.prefix}{op_type}")
         if outputs == 1:
@@ -161,7 +179,11 @@ class Emitter:
         self._taken.update(outs)
         attrs = {k: v for k, v in attrs.items() if v is not None}
         node = helper.make_node(
-            op_type, ["" if i is None else i for i in inputs], outs, name=base, domain=domain,
+            op_type,
+            ["" if i is None else i for i in inputs],
+            outs,
+            name=base,
+            domain=domain,
             **attrs,
         )
         self.nodes.append(node)
@@ -185,7 +207,10 @@ class Emitter:
             return onnx.TensorProto.BOOL
         if op_type in _INT64_OPS:
             return onnx.TensorProto.INT64
-        if op_type in ("Cast", "EyeLike", "RandomNormalLike", "RandomUniformLike") and "to" in attrs:
+        if (
+            op_type in ("Cast", "EyeLike", "RandomNormalLike", "RandomUniformLike")
+            and "to" in attrs
+        ):
             return attrs["to"]
         if op_type == "CastLike" and len(inputs) > 1 and inputs[1]:
             return self.dtype(inputs[1])
@@ -231,15 +256,25 @@ class Emitter:
 
     # Signature changes between opsets.
 
-    def reduce(self, op_type: str, x: str, axes: Sequence[int] | str | None,
-               keepdims: int = 1, **attrs: Any) -> str:
+    def reduce(
+        self,
+        op_type: str,
+        x: str,
+        axes: Sequence[int] | str | None,
+        keepdims: int = 1,
+        **attrs: Any,
+    ) -> str:
         """A Reduce* op with axes given as a list or an int64 tensor."""
         if self.opset >= _AXES_INPUT_SINCE.get(op_type, 1_000):
-            axes_input = None if axes is None else (axes if isinstance(axes, str) else self.ints(list(axes)))
+            axes_input = (
+                None if axes is None else (axes if isinstance(axes, str) else self.ints(list(axes)))
+            )
             return self.op(op_type, x, axes_input, keepdims=keepdims, **attrs)
         if isinstance(axes, str):
             raise NotImplementedError(f"{op_type} with runtime axes needs opset >= 13")
-        return self.op(op_type, x, axes=None if axes is None else list(axes), keepdims=keepdims, **attrs)
+        return self.op(
+            op_type, x, axes=None if axes is None else list(axes), keepdims=keepdims, **attrs
+        )
 
     def reduce_sum(self, x: str, axes: Sequence[int] | str | None, keepdims: int = 1) -> str:
         """ReduceSum over `axes` (a list, or an int64 tensor name)."""

@@ -22,8 +22,15 @@ logger = logging.getLogger(__name__)
 
 # Ops whose results must not be computed at compile time.
 _NOT_FOLDABLE = frozenset(
-    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-     "Bernoulli", "Dropout"}
+    {
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "Dropout",
+    }
 )
 
 
@@ -101,7 +108,9 @@ class Plan:
             for name in node.input:
                 if name:
                     last[self.slots[name]] = k
-        keep = {self.slots[o] for o in self.outputs} | {self.slots[n] for n in known if n in self.slots}
+        keep = {self.slots[o] for o in self.outputs} | {
+            self.slots[n] for n in known if n in self.slots
+        }
         frees: list[list[int]] = [[] for _ in live]
         for index, k in last.items():
             if index not in keep:
@@ -170,8 +179,9 @@ def _kernel_error(node: onnx.NodeProto, values: list, err: Exception) -> Executi
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for a in node.attribute)
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
+    )
 
 
 def _needed_nodes(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> list[onnx.NodeProto]:

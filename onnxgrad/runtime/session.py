@@ -105,8 +105,14 @@ class _NumpySession:
                 missing.append(f"{node.op_type} (node '{node.name}', opset {opset})")
                 continue
             info = KernelNode(
-                node.op_type, node.domain, node.name, opset, attributes(node),
-                list(node.input), list(node.output), [dtypes.get(i) for i in node.input],
+                node.op_type,
+                node.domain,
+                node.name,
+                opset,
+                attributes(node),
+                list(node.input),
+                list(node.output),
+                [dtypes.get(i) for i in node.input],
             )
             try:
                 kernels[node.name] = factory(info)
@@ -114,7 +120,8 @@ class _NumpySession:
                 missing.append(f"{node.op_type} (node '{node.name}', opset {opset}): {err}")
         if missing:
             raise ExecutionError(
-                f"the numpy backend cannot run {len(missing)} node(s): " + "; ".join(missing)
+                f"the numpy backend cannot run {len(missing)} node(s): "
+                + "; ".join(missing)
                 + ". Try backend='onnxruntime'."
             )
         return kernels
@@ -127,8 +134,14 @@ class _NumpySession:
         plan = self._plans.get(key)
         if plan is None:
             constants = {k: v for k, v in self.initializers.items() if k not in overridden}
-            plan = Plan(self.nodes, self.kernels, constants, list(self.inputs) + list(overridden),
-                        names, self.fold)
+            plan = Plan(
+                self.nodes,
+                self.kernels,
+                constants,
+                list(self.inputs) + list(overridden),
+                names,
+                self.fold,
+            )
             self._plans[key] = plan
         return plan.run(feeds)
 
@@ -199,8 +212,8 @@ def _infos(values) -> list[TensorInfo]:
         tt = vi.type.tensor_type
         type_name = helper.tensor_dtype_to_string(tt.elem_type) if tt.elem_type else "undefined"
         type_name = f"tensor({type_name.removeprefix('TensorProto.').lower()})"
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                 for d in tt.shape.dim]
+        shape = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+        ]
         out.append(TensorInfo(vi.name, type_name, shape))
     return out
-

@@ -156,7 +156,7 @@ def batches(
     if shuffle:
         order = (rng if rng is not None else np.random.default_rng()).permutation(n)
         for start in range(0, n, batch_size):
-            yield take(inputs, targets, order[start:start + batch_size])
+            yield take(inputs, targets, order[start : start + batch_size])
     else:
         for start in range(0, n, batch_size):
             yield take(inputs, targets, slice(start, start + batch_size))
@@ -196,5 +196,5 @@ def split(
             f"cannot hold out {val_fraction:.0%} of {n} samples and keep both parts non-empty"
         )
     order = np.arange(n) if rng is None else rng.permutation(n)
-    train_idx, val_idx = order[: n - n_val], order[n - n_val:]
+    train_idx, val_idx = order[: n - n_val], order[n - n_val :]
     return take(inputs, targets, train_idx), take(inputs, targets, val_idx)

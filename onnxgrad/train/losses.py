@@ -133,19 +133,26 @@ def resolve_output(model: onnx.ModelProto, output: str | None) -> str:
     return output
 
 
-def _classification(b: Emitter, kind: str, scores: str, target: str, loss_name: str,
-                    log_prob: str) -> None:
+def _classification(
+    b: Emitter, kind: str, scores: str, target: str, loss_name: str, log_prob: str
+) -> None:
     if kind == "cross_entropy":
         # The second output (log-probabilities) lets the gradient rule reuse the softmax
         # instead of recomputing it.
         node = helper.make_node(
-            "SoftmaxCrossEntropyLoss", [scores, target], [loss_name, log_prob],
-            name="loss/SoftmaxCrossEntropyLoss", reduction="mean",
+            "SoftmaxCrossEntropyLoss",
+            [scores, target],
+            [loss_name, log_prob],
+            name="loss/SoftmaxCrossEntropyLoss",
+            reduction="mean",
         )
     else:
         node = helper.make_node(
-            "NegativeLogLikelihoodLoss", [scores, target], [loss_name],
-            name="loss/NegativeLogLikelihoodLoss", reduction="mean",
+            "NegativeLogLikelihoodLoss",
+            [scores, target],
+            [loss_name],
+            name="loss/NegativeLogLikelihoodLoss",
+            reduction="mean",
         )
     b.nodes.append(node)
 
@@ -185,7 +192,8 @@ def _class_target(model, kind, scores, shape, target) -> onnx.ValueInfoProto:
     if kind == "cross_entropy" and producer is not None and producer.op_type == "Softmax":
         logger.warning(
             "output '%s' comes from a Softmax: cross_entropy applies softmax itself, so it will "
-            "see probabilities as logits; train on the Softmax's input instead (output=)", scores,
+            "see probabilities as logits; train on the Softmax's input instead (output=)",
+            scores,
         )
     dims = None if shape is None else [shape[0], *shape[2:]]
     return helper.make_tensor_value_info(target, onnx.TensorProto.INT64, _batch_symbolic(dims))

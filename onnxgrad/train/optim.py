@@ -106,8 +106,9 @@ class SGD(Optimizer):
         weight_decay: λ, added as λ·p to the gradient (L2 regularization).
     """
 
-    def __init__(self, lr: float, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0
+    ):
         super().__init__(lr)
         if momentum < 0.0 or weight_decay < 0.0:
             raise ValueError("momentum and weight_decay must be >= 0")
@@ -118,8 +119,12 @@ class SGD(Optimizer):
         self.weight_decay = float(weight_decay)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
-                "weight_decay": self.weight_decay}
+        return {
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+        }
 
     def _update(self, param, grad, state):
         if self.weight_decay:
@@ -147,8 +152,13 @@ class Adam(Optimizer):
 
     _decoupled = False
 
-    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         super().__init__(lr)
         beta1, beta2 = betas
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
@@ -160,8 +170,12 @@ class Adam(Optimizer):
         self.weight_decay = float(weight_decay)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"lr": self.lr, "betas": self.betas, "eps": self.eps,
-                "weight_decay": self.weight_decay}
+        return {
+            "lr": self.lr,
+            "betas": self.betas,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
 
     def _update(self, param, grad, state):
         beta1, beta2 = self.betas
@@ -196,8 +210,13 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01):
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ):
         super().__init__(lr, betas, eps, weight_decay)
 
 

@@ -105,14 +105,17 @@ class Trainer:
         self._target_type = None
         if self.target_name is not None:
             self._target_type = next(
-                i.type.tensor_type for i in self.training_graph.graph.input
+                i.type.tensor_type
+                for i in self.training_graph.graph.input
                 if i.name == self.target_name
             )
         self.optimizer = optimizer if optimizer is not None else Adam(1e-3)
         self.steps = 0
         logger.info(
             "training %d parameter tensor(s) (%d values) with %s on loss '%s'",
-            len(self.trainable), sum(p.size for p in self._params.values()), self.optimizer,
+            len(self.trainable),
+            sum(p.size for p in self._params.values()),
+            self.optimizer,
             self.loss_name,
         )
 
@@ -190,8 +193,9 @@ class Trainer:
     def _step(self, feeds: dict[str, np.ndarray]) -> float:
         # NaN and inf are checked for below, with a better message than numpy's warnings.
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            values = self._session.run([self.loss_name, *self._grad_names],
-                                       {**feeds, **self._params})
+            values = self._session.run(
+                [self.loss_name, *self._grad_names], {**feeds, **self._params}
+            )
         loss = float(np.asarray(values[0]).reshape(-1)[0])
         grads = dict(zip(self.trainable, values[1:]))
         self._check_finite(loss, grads)
@@ -227,6 +231,8 @@ class Trainer:
         shuffle: bool = True,
         seed: int = 0,
         progress: bool | None = None,
+        validation_data: tuple | None = None,
+        callback: Callable[[dict], None] | None = None,
     ) -> list[dict]:
         """Train for whole epochs over the data.
 
@@ -239,6 +245,8 @@ class Trainer:
             shuffle: visit the training samples in a new random order each epoch.
             seed: seeds the validation split and the shuffling.
             progress: show a progress bar; None shows one when stderr is a terminal.
+            validation_data: (inputs, targets) to score after each epoch instead of a split.
+            callback: called with each epoch's record as soon as it is complete.
 
         Returns:
             One dict per epoch: epoch, loss (mean over the epoch's batches, weighted by
@@ -246,7 +254,12 @@ class Trainer:
         """
         rng = np.random.default_rng(seed)
         feeds = self._feeds(inputs, targets)
-        train, val = self._split_feeds(feeds, val_split, rng)
+        if validation_data is not None:
+            if val_split:
+                raise DataError("give either val_split or validation_data, not both")
+            train, val = feeds, self._feeds(*validation_data)
+        else:
+            train, val = self._split_feeds(feeds, val_split, rng)
         show = sys.stderr.isatty() if progress is None else bool(progress)
         history = []
         for epoch in range(1, epochs + 1):
@@ -258,8 +271,9 @@ class Trainer:
                 from tqdm.auto import tqdm
 
                 n = datalib.num_batches(datalib.num_samples(train), batch_size)
-                bar = tqdm(batches, total=n, desc=f"epoch {epoch}/{epochs}", unit="batch",
-                           leave=False)
+                bar = tqdm(
+                    batches, total=n, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False
+                )
             try:
                 for batch in bar if bar is not None else batches:
                     n = datalib.num_samples(batch)
@@ -270,21 +284,31 @@ class Trainer:
             finally:
                 if bar is not None:
                     bar.close()
-            record = {"epoch": epoch, "loss": total / max(seen, 1), "val_loss": None,
-                      "val_accuracy": None}
+            record = {
+                "epoch": epoch,
+                "loss": total / max(seen, 1),
+                "val_loss": None,
+                "val_accuracy": None,
+            }
             if val is not None:
                 metrics = self._evaluate(val, batch_size)
                 record["val_loss"] = metrics["loss"]
                 record["val_accuracy"] = metrics.get("accuracy")
             record["seconds"] = time.perf_counter() - start
             logger.info(
-                "epoch %d/%d: loss %.4f%s%s (%.1fs)", epoch, epochs, record["loss"],
+                "epoch %d/%d: loss %.4f%s%s (%.1fs)",
+                epoch,
+                epochs,
+                record["loss"],
                 "" if record["val_loss"] is None else f", val_loss {record['val_loss']:.4f}",
-                "" if record["val_accuracy"] is None
+                ""
+                if record["val_accuracy"] is None
                 else f", val_accuracy {record['val_accuracy']:.4f}",
                 record["seconds"],
             )
             history.append(record)
+            if callback is not None:
+                callback(record)
         return history
 
     def _batches(self, feeds, batch_size, shuffle, rng):
@@ -395,8 +419,9 @@ class Trainer:
                 value = value[..., None]  # [N] targets for an [N, 1] output
             elif value.ndim == rank + 1 and value.shape[-1] == 1:
                 value = value[..., 0]  # [N, 1] class indices for [N] targets
-        return _conform(self.target_name, value, helper.tensor_dtype_to_np_dtype(
-            declared.elem_type))
+        return _conform(
+            self.target_name, value, helper.tensor_dtype_to_np_dtype(declared.elem_type)
+        )
 
     def _unzip(self, feeds: dict) -> tuple[dict, np.ndarray | None]:
         if self.target_name is None:

@@ -57,8 +57,9 @@ def test_names_are_deterministic():
     assert a.SerializeToString() == b.SerializeToString()
     backward = a.graph.node[3:]
     for node in backward:
-        assert node.name.startswith(("mul_grad/", "add_grad/", "sum_grad/", "w_grad/",
-                                     "loss_grad/", "onnxgrad_const/")), node.name
+        assert node.name.startswith(
+            ("mul_grad/", "add_grad/", "sum_grad/", "w_grad/", "loss_grad/", "onnxgrad_const/")
+        ), node.name
 
 
 def test_broadcast_gradients_are_reduced_static_and_dynamic():
@@ -124,8 +125,13 @@ def test_constant_branches_need_no_rule():
     # The Shape → ConstantOfShape branch carries no gradient, so no rule is asked of it.
     nodes = [
         helper.make_node("Shape", ["w"], ["s"], name="shape"),
-        helper.make_node("ConstantOfShape", ["s"], ["ones"], name="ones",
-                         value=numpy_helper.from_array(np.array([3.0]))),
+        helper.make_node(
+            "ConstantOfShape",
+            ["s"],
+            ["ones"],
+            name="ones",
+            value=numpy_helper.from_array(np.array([3.0])),
+        ),
         helper.make_node("Mul", ["w", "ones"], ["y"], name="mul"),
         helper.make_node("ReduceSum", ["y"], ["loss"], name="sum", keepdims=0),
     ]
@@ -170,7 +176,10 @@ def test_bad_loss_and_wrt_names_are_explained():
 
 def test_integer_wrt_is_refused():
     model = make(
-        [helper.make_node("Cast", ["i"], ["f"], to=F64), helper.make_node("ReduceSum", ["f"], ["loss"], keepdims=0)],
+        [
+            helper.make_node("Cast", ["i"], ["f"], to=F64),
+            helper.make_node("ReduceSum", ["f"], ["loss"], keepdims=0),
+        ],
         [vi("i", [3], TensorProto.INT64)],
         [vi("loss", [])],
     )

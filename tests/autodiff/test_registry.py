@@ -22,7 +22,9 @@ def all_cases():
 def test_every_rule_has_op_table_cases():
     rules.load_all()
     tested = {case.op for case in all_cases()}
-    untested = sorted(op for (op, _), e in rules.RULES.items() if e.state == RULE and op not in tested)
+    untested = sorted(
+        op for (op, _), e in rules.RULES.items() if e.state == RULE and op not in tested
+    )
     assert not untested, f"rules without op-table cases: {untested}"
 
 

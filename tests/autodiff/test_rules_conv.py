@@ -32,12 +32,18 @@ _conv((2, 2, 9), (2, 2, 3), id="1d_stride2_dilation2", strides=[2], dilations=[2
 _conv((2, 2, 6, 7), (3, 2, 3, 2), id="2d_stride2_uneven_pads", strides=[2, 3], pads=[1, 0, 0, 2])
 _conv((2, 2, 7, 6), (3, 2, 2, 3), id="2d_dilation", dilations=[2, 1], pads=[0, 1, 1, 0])
 _conv((2, 2, 7, 7), (2, 2, 2, 2), id="2d_stride3_dil2", strides=[3, 3], dilations=[2, 2])
-_conv((1, 2, 5, 6, 5), (2, 2, 2, 2, 3), id="3d_stride2_pads", strides=[2, 2, 1],
-      pads=[1, 0, 1, 0, 1, 0])
+_conv(
+    (1, 2, 5, 6, 5),
+    (2, 2, 2, 2, 3),
+    id="3d_stride2_pads",
+    strides=[2, 2, 1],
+    pads=[1, 0, 1, 0, 1, 0],
+)
 # Groups: 2 groups, depthwise (one channel per group), depthwise with a multiplier.
 _conv((2, 4, 6), (4, 2, 3), bias=True, id="1d_group2", group=2)
-_conv((2, 4, 5, 6), (6, 2, 3, 2), id="2d_group2_stride2", group=2, strides=[2, 2],
-      pads=[1, 1, 0, 0])
+_conv(
+    (2, 4, 5, 6), (6, 2, 3, 2), id="2d_group2_stride2", group=2, strides=[2, 2], pads=[1, 1, 0, 0]
+)
 _conv((2, 3, 6, 5), (3, 1, 3, 3), bias=True, id="2d_depthwise", group=3, pads=[1, 1, 1, 1])
 _conv((2, 2, 7), (4, 1, 3), id="1d_depthwise_x2", group=2, strides=[2])
 _conv((1, 4, 4, 5, 4), (4, 2, 2, 2, 2), id="3d_group2", group=2, strides=[1, 2, 1])
@@ -48,13 +54,41 @@ for _mode in ("SAME_UPPER", "SAME_LOWER", "VALID"):
 _conv((2, 2, 6), (2, 2, 4), id="1d_same_lower_even_kernel", auto_pad="SAME_LOWER")
 # Every dimension symbolic: the geometry is only known at run time. (kernel_shape lets
 # onnx shape inference give the output a rank, which the harness needs.)
-_conv((2, 3, 7), (4, 3, 3), bias=True, id="1d_dynamic", dynamic=True, pads=[1, 0], strides=[2],
-      kernel_shape=[3])
-_conv((2, 4, 6, 5), (2, 2, 2, 3), id="2d_dynamic_group2", dynamic=True, group=2,
-      strides=[2, 2], dilations=[1, 2], kernel_shape=[2, 3])
-_conv((2, 2, 7), (3, 2, 2), id="1d_dynamic_same", dynamic=True, auto_pad="SAME_UPPER",
-      kernel_shape=[2], marks=(pytest.mark.xfail(raises=NotImplementedError, strict=True,
-      reason="auto_pad=SAME_* needs static spatial sizes"),))
+_conv(
+    (2, 3, 7),
+    (4, 3, 3),
+    bias=True,
+    id="1d_dynamic",
+    dynamic=True,
+    pads=[1, 0],
+    strides=[2],
+    kernel_shape=[3],
+)
+_conv(
+    (2, 4, 6, 5),
+    (2, 2, 2, 3),
+    id="2d_dynamic_group2",
+    dynamic=True,
+    group=2,
+    strides=[2, 2],
+    dilations=[1, 2],
+    kernel_shape=[2, 3],
+)
+_conv(
+    (2, 2, 7),
+    (3, 2, 2),
+    id="1d_dynamic_same",
+    dynamic=True,
+    auto_pad="SAME_UPPER",
+    kernel_shape=[2],
+    marks=(
+        pytest.mark.xfail(
+            raises=NotImplementedError,
+            strict=True,
+            reason="auto_pad=SAME_* needs static spatial sizes",
+        ),
+    ),
+)
 
 
 def _conv_t(x, w, bias=False, id="", group=1, dynamic=False, **attrs):
@@ -77,8 +111,17 @@ _conv_t((2, 2, 4), (2, 2, 3), id="1d_output_shape_exact", strides=[3], output_sh
 _conv_t((2, 2, 3), (2, 2, 2), id="1d_output_shape_long", strides=[3], output_shape=[10])
 _conv_t((2, 2, 4, 3), (2, 1, 3, 2), id="2d_same_upper", strides=[2, 2], auto_pad="SAME_UPPER")
 _conv_t((2, 2, 4), (2, 1, 3), id="1d_same_lower", strides=[2], auto_pad="SAME_LOWER")
-_conv_t((2, 4, 3), (4, 1, 3), id="1d_dynamic_group2", dynamic=True, group=2, strides=[3],
-        pads=[0, 1], output_padding=[2], kernel_shape=[3])
+_conv_t(
+    (2, 4, 3),
+    (4, 1, 3),
+    id="1d_dynamic_group2",
+    dynamic=True,
+    group=2,
+    strides=[3],
+    pads=[0, 1],
+    output_padding=[2],
+    kernel_shape=[3],
+)
 
 
 @pytest.mark.parametrize("case", params(CASES))

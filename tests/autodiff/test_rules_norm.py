@@ -4,7 +4,6 @@ loss, Dropout's run-time training flag, the missing-mask error)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -14,7 +13,6 @@ from onnx import helper, numpy_helper
 from onnxgrad import gradient_model
 from onnxgrad.gradcheck import check_gradients
 from onnxgrad.runtime.session import Session
-from tests import optable
 from tests.optable import Case, away_from, check_case, params
 
 
@@ -157,10 +155,10 @@ CASES += [
         dynamic=True,
     ),
     Case("MeanVarianceNormalization", [(2, 3, 2, 2)], id="default_axes", full_check=False),
-    Case("MeanVarianceNormalization", [(2, 3, 4)], attrs={"axes": [2]}, id="last",
-         full_check=False),
-    Case("MeanVarianceNormalization", [(3, 4)], attrs={"axes": [0, 1]}, id="all",
-         full_check=False),
+    Case(
+        "MeanVarianceNormalization", [(2, 3, 4)], attrs={"axes": [2]}, id="last", full_check=False
+    ),
+    Case("MeanVarianceNormalization", [(3, 4)], attrs={"axes": [0, 1]}, id="all", full_check=False),
     Case(
         "MeanVarianceNormalization",
         [(2, 3, 4)],

@@ -18,8 +18,9 @@ def _pool(op, x, id="", dynamic=False, marks=(), **attrs):
     sampler = distinct() if "Max" in op else uniform()
     # AveragePool takes dilations since opset 19.
     opset = 19 if op == "AveragePool" and "dilations" in attrs else 18
-    CASES.append(Case(op, [x], attrs, id=id, sampler=sampler, dynamic=dynamic, marks=marks,
-                      opset=opset))
+    CASES.append(
+        Case(op, [x], attrs, id=id, sampler=sampler, dynamic=dynamic, marks=marks, opset=opset)
+    )
 
 
 # Geometry shared by MaxPool and AveragePool: (id, shape, attributes).
@@ -30,18 +31,33 @@ WINDOWS = [
     ("1d_overlap_dilation", (2, 2, 7), dict(kernel_shape=[2], dilations=[2], pads=[0, 1])),
     ("2d", (2, 2, 5, 6), dict(kernel_shape=[2, 2])),
     ("2d_stride2_pads", (2, 2, 5, 6), dict(kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 1])),
-    ("2d_dilation_stride", (2, 2, 7, 6), dict(kernel_shape=[2, 2], strides=[2, 1],
-                                             dilations=[2, 2])),
+    (
+        "2d_dilation_stride",
+        (2, 2, 7, 6),
+        dict(kernel_shape=[2, 2], strides=[2, 1], dilations=[2, 2]),
+    ),
     ("2d_ceil", (2, 2, 6, 5), dict(kernel_shape=[3, 2], strides=[2, 2], ceil_mode=1)),
-    ("2d_ceil_pads", (2, 2, 5, 7), dict(kernel_shape=[2, 3], strides=[2, 3], pads=[1, 0, 0, 1],
-                                        ceil_mode=1)),
+    (
+        "2d_ceil_pads",
+        (2, 2, 5, 7),
+        dict(kernel_shape=[2, 3], strides=[2, 3], pads=[1, 0, 0, 1], ceil_mode=1),
+    ),
     ("3d", (1, 2, 4, 5, 4), dict(kernel_shape=[2, 2, 2])),
-    ("3d_stride2_pads", (1, 2, 5, 4, 5), dict(kernel_shape=[2, 3, 2], strides=[2, 1, 2],
-                                             pads=[1, 1, 0, 0, 1, 1])),
-    ("2d_same_upper", (2, 2, 5, 6), dict(kernel_shape=[3, 2], strides=[2, 2],
-                                        auto_pad="SAME_UPPER")),
-    ("2d_same_lower", (2, 2, 5, 6), dict(kernel_shape=[2, 3], strides=[2, 1],
-                                        auto_pad="SAME_LOWER")),
+    (
+        "3d_stride2_pads",
+        (1, 2, 5, 4, 5),
+        dict(kernel_shape=[2, 3, 2], strides=[2, 1, 2], pads=[1, 1, 0, 0, 1, 1]),
+    ),
+    (
+        "2d_same_upper",
+        (2, 2, 5, 6),
+        dict(kernel_shape=[3, 2], strides=[2, 2], auto_pad="SAME_UPPER"),
+    ),
+    (
+        "2d_same_lower",
+        (2, 2, 5, 6),
+        dict(kernel_shape=[2, 3], strides=[2, 1], auto_pad="SAME_LOWER"),
+    ),
     ("2d_valid", (2, 2, 5, 6), dict(kernel_shape=[2, 3], strides=[2, 2], auto_pad="VALID")),
 ]
 
@@ -53,28 +69,80 @@ for _id, _x, _attrs in WINDOWS:
     for _cip in (0, 1):
         _pool("AveragePool", _x, id=f"{_id}_cip{_cip}", count_include_pad=_cip, **_attrs)
 _pool("MaxPool", (2, 2, 6, 5), id="2d_storage_order", kernel_shape=[2, 2], storage_order=1)
-CASES.append(Case("MaxPool", [(2, 2, 5, 6)], dict(kernel_shape=[2, 2], strides=[2, 1]),
-                  id="2d_indices_output", outputs=2, sampler=distinct()))
-CASES.append(Case("MaxPool", [(2, 2, 5, 6)], dict(kernel_shape=[2, 2], storage_order=1),
-                  id="2d_indices_column_major", outputs=2, sampler=distinct()))
+CASES.append(
+    Case(
+        "MaxPool",
+        [(2, 2, 5, 6)],
+        dict(kernel_shape=[2, 2], strides=[2, 1]),
+        id="2d_indices_output",
+        outputs=2,
+        sampler=distinct(),
+    )
+)
+CASES.append(
+    Case(
+        "MaxPool",
+        [(2, 2, 5, 6)],
+        dict(kernel_shape=[2, 2], storage_order=1),
+        id="2d_indices_column_major",
+        outputs=2,
+        sampler=distinct(),
+    )
+)
 # Symbolic dimensions: counts, crops and scatters built from run-time shapes.
-_pool("MaxPool", (2, 2, 7), id="1d_dynamic", dynamic=True, kernel_shape=[3], strides=[2],
-      pads=[1, 0])
+_pool(
+    "MaxPool", (2, 2, 7), id="1d_dynamic", dynamic=True, kernel_shape=[3], strides=[2], pads=[1, 0]
+)
 for _cip in (0, 1):
-    _pool("AveragePool", (2, 2, 7, 6), id=f"2d_dynamic_cip{_cip}", dynamic=True,
-          kernel_shape=[2, 3], strides=[2, 2], pads=[1, 0, 0, 1], count_include_pad=_cip)
-    _pool("AveragePool", (2, 2, 6, 5), id=f"2d_dynamic_ceil_cip{_cip}", dynamic=True,
-          kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 0, 1], ceil_mode=1,
-          count_include_pad=_cip)
-_pool("AveragePool", (2, 2, 7), id="1d_dynamic_same", dynamic=True, kernel_shape=[3],
-      auto_pad="SAME_UPPER", marks=(pytest.mark.xfail(raises=NotImplementedError, strict=True,
-      reason="auto_pad=SAME_* needs static spatial sizes"),))
+    _pool(
+        "AveragePool",
+        (2, 2, 7, 6),
+        id=f"2d_dynamic_cip{_cip}",
+        dynamic=True,
+        kernel_shape=[2, 3],
+        strides=[2, 2],
+        pads=[1, 0, 0, 1],
+        count_include_pad=_cip,
+    )
+    _pool(
+        "AveragePool",
+        (2, 2, 6, 5),
+        id=f"2d_dynamic_ceil_cip{_cip}",
+        dynamic=True,
+        kernel_shape=[3, 2],
+        strides=[2, 2],
+        pads=[1, 0, 0, 1],
+        ceil_mode=1,
+        count_include_pad=_cip,
+    )
+_pool(
+    "AveragePool",
+    (2, 2, 7),
+    id="1d_dynamic_same",
+    dynamic=True,
+    kernel_shape=[3],
+    auto_pad="SAME_UPPER",
+    marks=(
+        pytest.mark.xfail(
+            raises=NotImplementedError,
+            strict=True,
+            reason="auto_pad=SAME_* needs static spatial sizes",
+        ),
+    ),
+)
 
 # LpPool: p = 1 has a kink at 0 (uniform samples avoid it almost surely), p = 2, 3.
 for _p in (1, 2, 3):
     _pool("LpPool", (2, 2, 6), id=f"1d_p{_p}", kernel_shape=[3], strides=[2], pads=[1, 1], p=_p)
-_pool("LpPool", (2, 2, 5, 6), id="2d_dilation_ceil", kernel_shape=[2, 2], strides=[2, 2],
-      dilations=[1, 2], ceil_mode=1)
+_pool(
+    "LpPool",
+    (2, 2, 5, 6),
+    id="2d_dilation_ceil",
+    kernel_shape=[2, 2],
+    strides=[2, 2],
+    dilations=[1, 2],
+    ceil_mode=1,
+)
 
 # Global pools.
 for _x in ((2, 3, 5), (2, 2, 3, 4), (1, 2, 3, 2, 3)):

@@ -45,8 +45,14 @@ CASES = [
     Case("Split", [(4, 3), _i(1, 3)], outputs=2),
     Case("Split", [(2, 7)], attrs={"axis": -1, "num_outputs": 3}, outputs=3, id="uneven"),
     Case("Split", [(6, 2), _i(2, 1, 3)], outputs=3, loss_outputs=[0, 2], id="unused"),
-    Case("Split", [(2, 6)], attrs={"axis": 1, "num_outputs": 2}, outputs=2, id="dynamic",
-         dynamic=True),
+    Case(
+        "Split",
+        [(2, 6)],
+        attrs={"axis": 1, "num_outputs": 2},
+        outputs=2,
+        id="dynamic",
+        dynamic=True,
+    ),
     Case("Split", [(6, 2)], outputs=3, opset=13, id="opset13"),
     # Slice: constant unit steps give Pad; other steps and dynamic shapes scatter.
     Case("Slice", [(4, 5), _i(1), _i(3), _i(0)]),
@@ -66,8 +72,13 @@ CASES = [
     Case("Pad", [(3, 4), _i(2, 1, 1, 3)], attrs={"mode": "reflect"}, id="reflect"),
     Case("Pad", [(3, 4), _i(2, -1, 1, 3)], attrs={"mode": "edge"}, id="edge"),
     Case("Pad", [(3, 4), _i(2, 5), None, _i(1)], attrs={"mode": "wrap"}, opset=19, id="wrap"),
-    Case("Pad", [(2, 3, 4), _i(0, 1, 2, 1, 0, 2)], attrs={"mode": "reflect"}, id="dynamic",
-         dynamic=True),
+    Case(
+        "Pad",
+        [(2, 3, 4), _i(0, 1, 2, 1, 0, 2)],
+        attrs={"mode": "reflect"},
+        id="dynamic",
+        dynamic=True,
+    ),
     Case("Pad", [(2, 3), _i(0, 1, 1, 0), ()], id="dynamic_value", dynamic=True),
     Case("Tile", [(2, 3), _i(2, 3)]),
     Case("Tile", [(2, 1, 3), _i(1, 4, 2)], id="dynamic", dynamic=True),
@@ -79,8 +90,13 @@ CASES = [
     Case("Expand", [(1, 4), _i(3, 1)], id="dynamic", dynamic=True),
     Case("DepthToSpace", [(1, 8, 2, 3)], attrs={"blocksize": 2}),
     Case("DepthToSpace", [(2, 4, 2, 1)], attrs={"blocksize": 2, "mode": "CRD"}, id="crd"),
-    Case("DepthToSpace", [(1, 8, 2, 2)], attrs={"blocksize": 2, "mode": "CRD"}, id="crd_dynamic",
-         dynamic=True),
+    Case(
+        "DepthToSpace",
+        [(1, 8, 2, 2)],
+        attrs={"blocksize": 2, "mode": "CRD"},
+        id="crd_dynamic",
+        dynamic=True,
+    ),
     Case("SpaceToDepth", [(2, 2, 4, 2)], attrs={"blocksize": 2}),
     Case("SpaceToDepth", [(1, 2, 2, 4)], attrs={"blocksize": 2}, id="dynamic", dynamic=True),
 ]
@@ -101,8 +117,11 @@ def _cast_model(to: int) -> onnx.ModelProto:
         helper.make_node("ReduceSum", ["wd"], ["loss"], name="sum", keepdims=0),
     ]
     graph = helper.make_graph(
-        nodes, "cast", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [3])],
-        [helper.make_tensor_value_info("loss", TensorProto.DOUBLE, [])], [w],
+        nodes,
+        "cast",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [3])],
+        [helper.make_tensor_value_info("loss", TensorProto.DOUBLE, [])],
+        [w],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 

@@ -21,8 +21,9 @@ from onnxgrad.errors import ExecutionError
 from onnxgrad.runtime.session import Session
 
 
-def one_node(op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int = 1,
-             opset: int = 19) -> onnx.ModelProto:
+def one_node(
+    op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int = 1, opset: int = 19
+) -> onnx.ModelProto:
     """A model of one node whose inputs are graph inputs typed like the arrays given."""
     ins = [
         helper.make_tensor_value_info(f"in{i}", helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
@@ -30,8 +31,9 @@ def one_node(op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int = 
     ]
     outs = [f"y{k}" for k in range(outputs)]
     node = helper.make_node(op, [i.name for i in ins], outs, name="node", **attrs)
-    model = helper.make_model(helper.make_graph([node], "kernel", ins, []),
-                              opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(
+        helper.make_graph([node], "kernel", ins, []), opset_imports=[helper.make_opsetid("", opset)]
+    )
     model.ir_version = 9
     inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
     for name in outs:
@@ -39,8 +41,14 @@ def one_node(op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int = 
     return model
 
 
-def reference(op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int = 1,
-              opset: int = 19, judge: str = "ort") -> list[np.ndarray]:
+def reference(
+    op: str,
+    inputs: Sequence[np.ndarray],
+    attrs: dict,
+    outputs: int = 1,
+    opset: int = 19,
+    judge: str = "ort",
+) -> list[np.ndarray]:
     """What onnxruntime (or the reference evaluator) computes; float64 runs as float32."""
     wide = [a.dtype == np.float64 for a in inputs]
     inputs = [a.astype(np.float32) if w else a for a, w in zip(inputs, wide)]
@@ -51,8 +59,9 @@ def reference(op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int =
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
-        session = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                               providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
         result = session.run(None, feeds)
     else:
         result = ReferenceEvaluator(model).run(None, feeds)
@@ -61,8 +70,15 @@ def reference(op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int =
     return result
 
 
-def check(op: str, inputs: Sequence[np.ndarray], attrs: dict, outputs: int = 1,
-          opset: int = 19, judge: str = "ort", rtol: float = 1e-5) -> list[np.ndarray]:
+def check(
+    op: str,
+    inputs: Sequence[np.ndarray],
+    attrs: dict,
+    outputs: int = 1,
+    opset: int = 19,
+    judge: str = "ort",
+    rtol: float = 1e-5,
+) -> list[np.ndarray]:
     """Our outputs equal the judge's in dtype, shape and value; returns ours."""
     model = one_node(op, inputs, attrs, outputs, opset)
     ours = Session(model).run(None, {f"in{i}": a for i, a in enumerate(inputs)})
@@ -105,8 +121,9 @@ for _nsp, _g, _s, _d, _mode in itertools.product((1, 2, 3), GROUPS, (1, 2, 3), (
 def test_conv(nsp, groups, stride, dilation, mode):
     group, c, m = GROUPS[groups]
     sizes, kernel = SPATIAL[nsp]
-    attrs = dict(strides=[stride] * nsp, dilations=[dilation] * nsp, group=group,
-                 **_padding(mode, nsp))
+    attrs = dict(
+        strides=[stride] * nsp, dilations=[dilation] * nsp, group=group, **_padding(mode, nsp)
+    )
     if stride == 2:
         attrs["kernel_shape"] = kernel
     judge = "onnx" if dilation > 1 and mode.startswith("SAME") else "ort"
@@ -130,8 +147,11 @@ def test_conv_float64(nsp):
         ((2, 3, 5, 5), (4, 3, 1, 1), {}),
         ((2, 4, 6, 7), (6, 2, 5, 6), {"group": 2}),  # more kernel taps than outputs
         ((3, 2, 9), (4, 2, 4), {"strides": [1], "dilations": [2], "pads": [0, 1]}),
-        ((4, 2, 9, 8), (3, 2, 4, 3), {"dilations": [2, 2], "strides": [2, 3],
-                                      "pads": [1, 0, 1, 1]}),
+        (
+            (4, 2, 9, 8),
+            (3, 2, 4, 3),
+            {"dilations": [2, 2], "strides": [2, 3], "pads": [1, 0, 1, 1]},
+        ),
     ],
     ids=["1x1", "big_kernel_group2", "big_kernel_1d", "big_kernel_dilated"],
 )
@@ -150,18 +170,29 @@ def test_conv_layouts(x, w, attrs):
 )
 def test_bad_geometry_is_an_execution_error(op, x, w, attrs, message):
     inputs = [sample(x), sample(w)]
-    ins = [helper.make_tensor_value_info(f"in{i}", onnx.TensorProto.FLOAT, a.shape)
-           for i, a in enumerate(inputs)]
+    ins = [
+        helper.make_tensor_value_info(f"in{i}", onnx.TensorProto.FLOAT, a.shape)
+        for i, a in enumerate(inputs)
+    ]
     out = helper.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, ["n", "c", "l"])
     node = helper.make_node(op, ["in0", "in1"], ["y0"], name="node", **attrs)
-    model = helper.make_model(helper.make_graph([node], "bad", ins, [out]),
-                              opset_imports=[helper.make_opsetid("", 19)])
+    model = helper.make_model(
+        helper.make_graph([node], "bad", ins, [out]), opset_imports=[helper.make_opsetid("", 19)]
+    )
     with pytest.raises(ExecutionError, match=message):
         Session(model).run(None, {"in0": inputs[0], "in1": inputs[1]})
 
 
-CT_MODES = ("none", "pads", "output_padding", "output_shape", "output_shape_long", "SAME_UPPER",
-            "SAME_LOWER", "VALID")
+CT_MODES = (
+    "none",
+    "pads",
+    "output_padding",
+    "output_shape",
+    "output_shape_long",
+    "SAME_UPPER",
+    "SAME_LOWER",
+    "VALID",
+)
 CT_SPATIAL = {1: ([4], [3]), 2: ([3, 4], [3, 2]), 3: ([3, 2, 3], [2, 2, 3])}
 
 
@@ -190,8 +221,12 @@ for _nsp, _g, _s, _d, _mode in itertools.product((1, 2, 3), GROUPS, (1, 2, 3), (
 def test_conv_transpose(nsp, groups, stride, dilation, mode):
     group, c, m = GROUPS[groups]
     sizes, kernel = CT_SPATIAL[nsp]
-    attrs = dict(strides=[stride] * nsp, dilations=[dilation] * nsp, group=group,
-                 **_ct_attrs(mode, nsp, stride, sizes))
+    attrs = dict(
+        strides=[stride] * nsp,
+        dilations=[dilation] * nsp,
+        group=group,
+        **_ct_attrs(mode, nsp, stride, sizes),
+    )
     x, w, b = sample((2, c, *sizes)), sample((c, m // group, *kernel), seed=1), sample((m,), seed=2)
     inputs = [x, w, b] if stride != 1 else [x, w]
     check("ConvTranspose", inputs, attrs)

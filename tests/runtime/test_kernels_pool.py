@@ -40,8 +40,14 @@ def _attrs(nsp, stride, dilation, ceil, mode) -> dict:
 def _explicit(attrs: dict, sizes) -> dict:
     """The same pool with auto_pad resolved into explicit pads."""
     nsp = len(sizes)
-    win = windows(sizes, attrs["kernel_shape"], attrs["strides"],
-                  attrs.get("dilations", [1] * nsp), None, attrs["auto_pad"])
+    win = windows(
+        sizes,
+        attrs["kernel_shape"],
+        attrs["strides"],
+        attrs.get("dilations", [1] * nsp),
+        None,
+        attrs["auto_pad"],
+    )
     out = {k: v for k, v in attrs.items() if k != "auto_pad"}
     out["pads"] = list(win.begin + win.end)
     return out
@@ -91,8 +97,9 @@ def test_max_pool(nsp, stride, dilation, ceil, mode):
 def test_max_pool_ties_pick_what_onnxruntime_picks(nsp, storage_order):
     sizes, kernel = SPATIAL[nsp]
     x = np.random.default_rng(3).integers(-2, 3, (2, 3, *sizes)).astype(np.float32)
-    attrs = dict(kernel_shape=kernel, strides=[1] * nsp, pads=[1] * nsp * 2,
-                 storage_order=storage_order)
+    attrs = dict(
+        kernel_shape=kernel, strides=[1] * nsp, pads=[1] * nsp * 2, storage_order=storage_order
+    )
     check("MaxPool", [x], attrs, outputs=2)
 
 

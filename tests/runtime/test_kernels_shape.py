@@ -168,15 +168,20 @@ CASES = [
     # Pad: every mode, negative pads, the axes input of opset 18, opset 11 inputs.
     KCase("Pad", [X, _i(0, 1, 2, 1, 0, 3), np.array(1.5, np.float32)]),
     KCase("Pad", [X, _i(0, -1, 2, 0, 1, -1)], id="negative"),
-    KCase("Pad", [X, _i(0, 2, 1, 0, 1, 2)], attrs={"mode": "reflect"}, id="reflect",
-          opset=11),
+    KCase("Pad", [X, _i(0, 2, 1, 0, 1, 2)], attrs={"mode": "reflect"}, id="reflect", opset=11),
     KCase("Pad", [X, _i(1, 3, 2, 1, 0, 3)], attrs={"mode": "edge"}, id="edge"),
-    KCase("Pad", [X, _i(1, 3, 3, 2), None, _i(-1, 1)], attrs={"mode": "wrap"}, opset=19,
-          id="wrap_axes"),
+    KCase(
+        "Pad",
+        [X, _i(1, 3, 3, 2), None, _i(-1, 1)],
+        attrs={"mode": "wrap"},
+        opset=19,
+        id="wrap_axes",
+    ),
     KCase("Pad", [X, _i(2, -1), np.array(7.0, np.float32), _i(-2)], id="axes_negative"),
     KCase("Pad", [XI, _i(0, 0, 1, 0, 0, 1), np.array(3, np.int32)], id="int"),
-    KCase("Pad", [X], attrs={"pads": [0, 1, 0, 0, 1, 0], "value": 2.0}, opset=2, id="attr",
-          ref="onnx"),
+    KCase(
+        "Pad", [X], attrs={"pads": [0, 1, 0, 0, 1, 0], "value": 2.0}, opset=2, id="attr", ref="onnx"
+    ),
     KCase("DepthToSpace", [_x(1, 8, 2, 3)], attrs={"blocksize": 2}),
     KCase("DepthToSpace", [_x(2, 8, 2, 1)], attrs={"blocksize": 2, "mode": "CRD"}, id="crd"),
     KCase("SpaceToDepth", [_x(2, 2, 4, 6)], attrs={"blocksize": 2}),

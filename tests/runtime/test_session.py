@@ -98,8 +98,10 @@ def test_kernel_failures_name_the_node():
     graph = helper.make_graph(
         [helper.make_node("Reshape", ["x", "s"], ["y"], name="bad_reshape")],
         "g",
-        [helper.make_tensor_value_info("x", F32, [None]),
-         helper.make_tensor_value_info("s", TensorProto.INT64, [1])],
+        [
+            helper.make_tensor_value_info("x", F32, [None]),
+            helper.make_tensor_value_info("s", TensorProto.INT64, [1]),
+        ],
         [helper.make_tensor_value_info("y", F32, [None])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -109,8 +111,10 @@ def test_kernel_failures_name_the_node():
 
 def test_ops_without_a_kernel_are_listed_at_compile_time():
     graph = helper.make_graph(
-        [helper.make_node("Frob", ["x"], ["y"], name="f1", domain="custom.ops"),
-         helper.make_node("Frob", ["y"], ["z"], name="f2", domain="custom.ops")],
+        [
+            helper.make_node("Frob", ["x"], ["y"], name="f1", domain="custom.ops"),
+            helper.make_node("Frob", ["y"], ["z"], name="f2", domain="custom.ops"),
+        ],
         "g",
         [helper.make_tensor_value_info("x", F32, [2])],
         [helper.make_tensor_value_info("z", F32, [2])],

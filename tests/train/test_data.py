@@ -37,8 +37,11 @@ def test_load_npz_errors(tmp_path):
 
     path = tmp_path / "d.npz"
     np.savez(path, a=np.zeros((5, 2)), labels=np.arange(5))
-    with pytest.raises(DataError, match=r"no array for model input\(s\) b; it holds: a \[5, 2\], "
-                                        r"labels \[5\]"):
+    with pytest.raises(
+        DataError,
+        match=r"no array for model input\(s\) b; it holds: a \[5, 2\], "
+        r"labels \[5\]",
+    ):
         load_npz(path, ["a", "b"])
     # Aliases are only for single-input models.
     np.savez(path, x=np.zeros((5, 2)), y=np.zeros((5, 2)))

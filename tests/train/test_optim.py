@@ -35,8 +35,9 @@ def _problem(seed: int = 0):
     return params, grads
 
 
-@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in
-                                                     enumerate(CONFIGS)])
+@pytest.mark.parametrize(
+    "name,kwargs", CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)]
+)
 def test_matches_torch(name, kwargs):
     params, grads = _problem()
     tensors = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params.items()}
@@ -126,8 +127,9 @@ def test_clip_grad_norm_matches_torch():
     rng = np.random.default_rng(3)
     grads = {"a": rng.normal(size=(3, 4)), "b": rng.normal(size=5)}
     clipped, norm = optim.clip_grad_norm(grads, 1.0)
-    tensors = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True)
-               for g in grads.values()]
+    tensors = [
+        torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads.values()
+    ]
     for t, g in zip(tensors, grads.values()):
         t.grad = torch.tensor(g)
     torch_norm = torch.nn.utils.clip_grad_norm_(tensors, 1.0)

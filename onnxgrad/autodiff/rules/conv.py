@@ -165,13 +165,15 @@ def spread(b, g: str, w: str, x: str, sw: Sweep, group: int = 1) -> str:
             over = sw.full(i) - sw.begin[i] - sw.sizes[i]  # past x's end: crop, or pad if < 0
             end.append(max(over, 0))
             extra.append(max(-over, 0))
-        return b.ConvTranspose(g, w, pads=sw.begin + end,
-                               output_padding=extra if any(extra) else None, **attrs)
+        return b.ConvTranspose(
+            g, w, pads=sw.begin + end, output_padding=extra if any(extra) else None, **attrs
+        )
     # Sizes known only at run time: make the result at least as long as x (an output
     # padding of s − 1 covers the unread tail), then crop it to x's shape.
     extra = [s - 1 for s in sw.strides]
-    wide = b.ConvTranspose(g, w, pads=sw.begin + [0] * n,
-                           output_padding=extra if any(extra) else None, **attrs)
+    wide = b.ConvTranspose(
+        g, w, pads=sw.begin + [0] * n, output_padding=extra if any(extra) else None, **attrs
+    )
     return crop(b, wide, spatial_shape(b, x, sw.sizes), n)
 
 
@@ -216,8 +218,14 @@ def correlate(b, inp: str, g: str, sw: Sweep, group: int, kernel_of: str) -> str
             cut = min(end[i], unread)
             end[i] -= cut
             longer = longer or (unread - cut) >= sw.dilations[i]
-    dw = b.Conv(xt, gt, strides=sw.dilations, dilations=sw.strides, pads=sw.begin + end,
-                group=group if group != 1 else None)
+    dw = b.Conv(
+        xt,
+        gt,
+        strides=sw.dilations,
+        dilations=sw.strides,
+        pads=sw.begin + end,
+        group=group if group != 1 else None,
+    )
     dw = b.Transpose(dw, perm=[1, 0] + space)
     if longer:
         dw = crop(b, dw, spatial_shape(b, kernel_of, sw.kernel), n)
@@ -264,8 +272,14 @@ def conv_transpose(b, node, dys):
     # output has X's sizes: dX is that Conv, dW its weight gradient with dY as the input.
     dx = None
     if node.needs_grad(0):
-        dx = b.Conv(dy, w, strides=sw.strides, dilations=sw.dilations, pads=sw.begin + sw.end,
-                    group=group if group != 1 else None)
+        dx = b.Conv(
+            dy,
+            w,
+            strides=sw.strides,
+            dilations=sw.dilations,
+            pads=sw.begin + sw.end,
+            group=group if group != 1 else None,
+        )
         if longer:
             dx = crop(b, dx, spatial_shape(b, x, sw.out), nsp)
     dw = correlate(b, dy, x, sw, group, w) if node.needs_grad(1) else None
@@ -320,6 +334,7 @@ def _adjoint_sweep(b, node, x: str, dy: str, kernel: list[Dim]) -> tuple[Sweep, 
     # The Conv over dY (padded by `begin` and the non-negative part of `tail`) has
     # L + ⌊max(−tail, 0) / s⌋ outputs per axis.
     longer = any(-t >= s for t, s in zip(tail, strides))
-    sw = Sweep(nsp, kernel, strides, dilations, begin, [max(t, 0) for t in tail],
-               _sizes(b, dy, nsp), sizes)
+    sw = Sweep(
+        nsp, kernel, strides, dilations, begin, [max(t, 0) for t in tail], _sizes(b, dy, nsp), sizes
+    )
     return sw, longer

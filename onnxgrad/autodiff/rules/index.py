@@ -98,7 +98,9 @@ def gather_nd(b, node, dys):
     index_shape = b.shape(indices)
     if not index_shape or not isinstance(index_shape[-1], int):
         raise UnsupportedOpError(
-            node.op_type, node.name, node.opset,
+            node.op_type,
+            node.name,
+            node.opset,
             detail=f"the gradient needs the last dimension of the indices '{indices}', which "
             "shape inference did not find; make it static and retry",
         )
@@ -174,7 +176,9 @@ def _scatter(b, node, dys, gather_op: str, scatter_op: str, **attrs) -> list:
         dupdates = b.Where(update_won, gather(share), zero) if node.needs_grad(2) else None
     else:
         raise UnsupportedOpError(
-            node.op_type, node.name, node.opset,
+            node.op_type,
+            node.name,
+            node.opset,
             detail=f"no gradient for reduction '{reduction}'; use none, add, mul, max or min",
         )
     return [ddata, None, dupdates]
@@ -190,8 +194,9 @@ def scatter_elements(b, node, dys):
     """
     need_opset(b, node, 16, "ScatterElements with a reduction")
     rank = need_rank(b, node, node.input[0])
-    return _scatter(b, node, dys, "GatherElements", "ScatterElements",
-                    axis=node.attrs.get("axis", 0) % rank)
+    return _scatter(
+        b, node, dys, "GatherElements", "ScatterElements", axis=node.attrs.get("axis", 0) % rank
+    )
 
 
 @rule("ScatterND")
@@ -247,8 +252,9 @@ def one_hot(b, node, dys):
     """y = where(onehot(i, depth), on, off)  →  d on = Σ dy · hot, d off = Σ dy · (1 − hot)"""
     indices, depth, values = node.input
     dy = dys[0]
-    hot = b.OneHot(indices, depth, b.const([0.0, 1.0], like=values),
-                   axis=node.attrs.get("axis", -1))
+    hot = b.OneHot(
+        indices, depth, b.const([0.0, 1.0], like=values), axis=node.attrs.get("axis", -1)
+    )
     on = b.reduce_sum(b.Mul(dy, hot), None, keepdims=0)
     off = b.Sub(b.reduce_sum(dy, None, keepdims=0), on)
     one = b.ints([1])

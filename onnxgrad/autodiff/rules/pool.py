@@ -26,7 +26,6 @@ def _pool_sweep(b, node) -> Sweep:
 
 def _spread_planes(b, g: str, x: str, sw: Sweep) -> str:
     """Each window's g, added back onto every input entry of that window (pads dropped)."""
-    n = sw.nsp
     planes = b.Reshape(g, b.Concat(b.ints([-1, 1]), spatial_shape(b, g, sw.out), axis=0))
     ones = b.const(np.ones((1, 1, *sw.kernel)), like=x)
     dx = spread(b, planes, ones, x, sw)
@@ -82,8 +81,9 @@ def _counts(b, node, sw: Sweep, dy: str) -> str:
     if ceil_mode:
         end = [e + s - 1 for e, s in zip(end, sw.strides)]
     ones = b.const(np.ones((1, 1, *sw.kernel)), like=x)
-    count = b.Conv(_ones_plane(b, x, sizes), ones, strides=sw.strides, dilations=sw.dilations,
-                   pads=begin + end)
+    count = b.Conv(
+        _ones_plane(b, x, sizes), ones, strides=sw.strides, dilations=sw.dilations, pads=begin + end
+    )
     if ceil_mode:
         count = crop(b, count, spatial_shape(b, dy, sw.out), n)
     return count
@@ -162,8 +162,9 @@ def max_pool(b, node, dys):
         b.Reshape(b.Size(x), flat),
         value=numpy_helper.from_array(np.zeros(1, helper.tensor_dtype_to_np_dtype(b.dtype(x)))),
     )
-    dx = b.ScatterElements(zeros, b.Reshape(indices, flat), b.Reshape(dy, flat), axis=0,
-                           reduction="add")
+    dx = b.ScatterElements(
+        zeros, b.Reshape(indices, flat), b.Reshape(dy, flat), axis=0, reduction="add"
+    )
     return [b.Reshape(dx, b.Shape(x))]
 
 

@@ -44,7 +44,9 @@ def need_rank(b, node, x: str) -> int:
     rank = b.rank(x)
     if rank is None:
         raise UnsupportedOpError(
-            node.op_type, node.name, node.opset,
+            node.op_type,
+            node.name,
+            node.opset,
             detail=f"the gradient needs the rank of '{x}', which shape inference did not find; "
             "give the model's inputs a shape (onnx.shape_inference) and retry",
         )
@@ -55,7 +57,9 @@ def need_opset(b, node, since: int, what: str) -> None:
     """Refuse a rule that must emit `what`, which needs opset `since`, in an older model."""
     if b.opset < since:
         raise UnsupportedOpError(
-            node.op_type, node.name, node.opset,
+            node.op_type,
+            node.name,
+            node.opset,
             detail=f"the gradient emits {what}, which needs opset >= {since} (the model has "
             f"{b.opset}); convert the model with onnx.version_converter",
         )
@@ -68,7 +72,10 @@ def flat_scatter(b, x: str, index: str, dy: str, reduction: str = "add") -> str:
     """
     zeros = b.Reshape(b.zeros_like(x), b.ints([-1]))
     flat = b.ScatterElements(
-        zeros, b.Reshape(index, b.ints([-1])), b.Reshape(dy, b.ints([-1])), axis=0,
+        zeros,
+        b.Reshape(index, b.ints([-1])),
+        b.Reshape(dy, b.ints([-1])),
+        axis=0,
         reduction=None if reduction == "none" else reduction,
     )
     return b.Reshape(flat, shape_of(b, x))
@@ -287,8 +294,12 @@ def depth_to_space(b, node, dys):
     # CRD: y = reshape(transpose(reshape(x, (n, c', s, s, h, w)), (0, 1, 4, 2, 5, 3))).
     x = node.input[0]
     split = b.Concat(
-        dims_of(b, node.output[0], 0, 2), dims_of(b, x, 2, 3), b.ints([size]),
-        dims_of(b, x, 3, 4), b.ints([size]), axis=0,
+        dims_of(b, node.output[0], 0, 2),
+        dims_of(b, x, 2, 3),
+        b.ints([size]),
+        dims_of(b, x, 3, 4),
+        b.ints([size]),
+        axis=0,
     )
     blocks = b.Transpose(b.Reshape(dy, split), perm=[0, 1, 3, 5, 2, 4])
     return [b.Reshape(blocks, shape_of(b, x))]
