@@ -95,7 +95,7 @@ class Plan:
         for name in self.outputs:
             slot(name)
         for node in live:
-            for name in list(node.input) + list(node.output):
+            for name in reads(node) + list(node.output):
                 slot(name)
         self.base: list[np.ndarray | None] = [None] * len(self.slots)
         for name, index in self.slots.items():
@@ -105,7 +105,7 @@ class Plan:
         # 4. Release each intermediate after its last reader.
         last: dict[int, int] = {}
         for k, node in enumerate(live):
-            for name in node.input:
+            for name in reads(node):
                 if name:
                     last[self.slots[name]] = k
         keep = {self.slots[o] for o in self.outputs} | {
@@ -123,7 +123,7 @@ class Plan:
         self.steps = [
             Step(
                 kernels[node.name],
-                tuple(self.slots[i] for i in node.input),
+                tuple(self.slots[i] for i in reads(node)),
                 tuple(self.slots[o] for o in node.output),
                 tuple(frees[k]),
                 node,
@@ -194,6 +194,19 @@ def _needed_nodes(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> li
             wanted.update(_outer_names(node))
     keep.reverse()
     return keep
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """What a node's kernel receives: its inputs, then the outer-scope names its subgraphs
+    read, sorted (the order `outer_names` gives the kernel)."""
+    if not _has_subgraph(node):
+        return list(node.input)
+    return list(node.input) + outer_names(node)
+
+
+def outer_names(node: onnx.NodeProto) -> list[str]:
+    """The enclosing-scope tensors a node's subgraphs read, sorted by name."""
+    return sorted(_outer_names(node))
 
 
 def _outer_names(node: onnx.NodeProto) -> set[str]:

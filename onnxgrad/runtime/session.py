@@ -19,7 +19,7 @@ from onnxgrad.errors import ExecutionError
 from onnxgrad.importer import attributes, graph_inputs, load, opset_of
 from onnxgrad.runtime import kernels as registry
 from onnxgrad.runtime.kernels import KernelNode
-from onnxgrad.runtime.plan import Plan, topological_order
+from onnxgrad.runtime.plan import Plan, outer_names, topological_order
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ class _NumpySession:
                 list(node.input),
                 list(node.output),
                 [dtypes.get(i) for i in node.input],
+                outer_names(node),
             )
             try:
                 kernels[node.name] = factory(info)

@@ -49,6 +49,8 @@ class KernelNode:
             GraphProto).
         inputs, outputs: tensor names ("" for an absent optional one).
         input_dtypes: numpy dtypes of the inputs where known at compile time (else None).
+        outer: for nodes with subgraphs (If, Loop, Scan), the enclosing-scope tensors the
+            subgraphs read, sorted; their values are passed to the kernel after the inputs.
     """
 
     op_type: str
@@ -59,6 +61,7 @@ class KernelNode:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     input_dtypes: list[Any] = field(default_factory=list)
+    outer: list[str] = field(default_factory=list)
 
 
 def kernel(*op_types: str, domain: str = "") -> Callable[[Factory], Factory]:
