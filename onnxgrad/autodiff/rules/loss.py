@@ -18,16 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxgrad.autodiff.rules import rule
-
-
-def _rank(b, node, x: str) -> int:
-    rank = b.rank(x)
-    if rank is None:
-        raise NotImplementedError(
-            f"{node.op_type} node '{node.name}' (opset {node.opset}): the rank of input '{x}' "
-            "is unknown; give the model's inputs shapes (or run shape inference) first"
-        )
-    return rank
+from onnxgrad.autodiff.rules.shape import need_rank
 
 
 def _classes(b, node, x: str, like: str, rank: int) -> str:
@@ -81,7 +72,7 @@ def _loss_grads(b, node, x: str, picked: str, dy: str | None):
     """
     if dy is None:
         return None, None
-    rank = _rank(b, node, x)
+    rank = need_rank(b, node, x)
     reduction = node.attrs.get("reduction", "mean")
     select = _selection(b, node, x, rank)
     w = _weights(b, node, rank)

@@ -17,16 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxgrad.autodiff.rules import rule
-
-
-def _rank(b, node, x: str) -> int:
-    rank = b.rank(x)
-    if rank is None:
-        raise NotImplementedError(
-            f"{node.op_type} node '{node.name}' (opset {node.opset}): the rank of input '{x}' "
-            "is unknown; give the model's inputs shapes (or run shape inference) first"
-        )
-    return rank
+from onnxgrad.autodiff.rules.shape import need_rank
 
 
 def _like(b, t: str, x: str) -> str:
@@ -78,7 +69,7 @@ def batch_normalization(b, node, dys):
     weights: they get no gradient.
     """
     x, scale = node.input[0], node.input[1]
-    rank = _rank(b, node, x)
+    rank = need_rank(b, node, x)
     axes = [0] + list(range(2, rank))
     epsilon = node.attrs.get("epsilon", 1e-5)
     if not node.attrs.get("spatial", 1):
@@ -142,7 +133,7 @@ def instance_normalization(b, node, dys):
        dscale = Σ_{n, spatial} dy · x̂,  dB = Σ_{n, spatial} dy
     """
     x, scale = node.input[0], node.input[1]
-    rank = _rank(b, node, x)
+    rank = need_rank(b, node, x)
     dy = dys[0]
     xhat, inv = _standardize(b, x, list(range(2, rank)), node.attrs.get("epsilon", 1e-5))
     outer = [0] + list(range(2, rank))
@@ -169,7 +160,7 @@ def layer_normalization(b, node, dys):
     """
     x, scale = node.input[0], node.input[1]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    rank = _rank(b, node, x)
+    rank = need_rank(b, node, x)
     axis = node.attrs.get("axis", -1) % rank
     axes = list(range(axis, rank))
     epsilon = node.attrs.get("epsilon", 1e-5)
@@ -218,7 +209,7 @@ def group_normalization(b, node, dys):
        dscale = Σ dy · x̂,  dB = Σ dy  over all axes but the channel axis
     """
     x, scale = node.input[0], node.input[1]
-    rank = _rank(b, node, x)
+    rank = need_rank(b, node, x)
     if node.opset < 21:
         raise NotImplementedError(
             f"GroupNormalization node '{node.name}' (opset {node.opset}): the deprecated "
@@ -247,7 +238,7 @@ def rms_normalization(b, node, dys):
     →  dx = r · (g − x̂ · mean(g · x̂)),  g = dy · scale,  dscale = Σ dy · x̂
     """
     x, scale = node.input[0], node.input[1]
-    rank = _rank(b, node, x)
+    rank = need_rank(b, node, x)
     axes = list(range(node.attrs.get("axis", -1) % rank, rank))
     dy = dys[0]
     epsilon = b.const(node.attrs.get("epsilon", 1e-5), like=x)
@@ -271,7 +262,7 @@ def mean_variance_normalization(b, node, dys):
     forward op's own derivative does.
     """
     x, y = node.input[0], node.output[0]
-    rank = _rank(b, node, x)
+    rank = need_rank(b, node, x)
     axes = sorted(a % rank for a in node.attrs.get("axes", [0, 2, 3]))
     dy = dys[0]
     d = b.Sub(x, _mean(b, x, axes))
@@ -343,7 +334,7 @@ def lrn(b, node, dys):
     """
     x, y = node.input[0], node.output[0]
     dy = dys[0]
-    rank = _rank(b, node, x)
+    rank = need_rank(b, node, x)
     size = node.attrs["size"]
     alpha = node.attrs.get("alpha", 1e-4)
     beta = node.attrs.get("beta", 0.75)

@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 
 from onnxgrad.autodiff.rules import rule
 from onnxgrad.autodiff.rules.conv import Sweep, crop, spatial_shape, spread, sweep
+from onnxgrad.autodiff.rules.shape import need_rank
 
 
 def _pool_sweep(b, node) -> Sweep:
@@ -168,16 +169,6 @@ def max_pool(b, node, dys):
     return [b.Reshape(dx, b.Shape(x))]
 
 
-def _global_rank(b, node) -> int:
-    rank = b.rank(node.input[0])
-    if rank is None:
-        raise NotImplementedError(
-            f"{node.op_type} node '{node.name}': the gradient needs the rank of its input; "
-            "run shape inference on the model"
-        )
-    return rank
-
-
 @rule("GlobalAveragePool")
 def global_average_pool(b, node, dys):
     """y = mean_space x  →  dx = dy / size(space), broadcast"""
@@ -197,7 +188,7 @@ def global_max_pool(b, node, dys):
     # Ties: the gradient is split evenly among every entry equal to the maximum (the
     # average of the one-hot subgradients), not all to the first as MaxPool does.
     mask = b.Cast(b.Equal(x, y), to=b.dtype(x))
-    count = b.reduce_sum(mask, list(range(2, _global_rank(b, node))), keepdims=1)
+    count = b.reduce_sum(mask, list(range(2, need_rank(b, node, node.input[0]))), keepdims=1)
     return [b.Mul(mask, b.Div(dys[0], count))]
 
 
