@@ -56,6 +56,12 @@ FAMILIES = (
     "index",
     "loss",
     "math",
+    "control",
+    "recurrent",
+    "resize",
+    "attention",
+    "quant",
+    "extra",
 )
 
 

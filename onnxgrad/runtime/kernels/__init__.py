@@ -35,6 +35,17 @@ FAMILIES = (
     "index",
     "loss",
     "misc",
+    "control",
+    "recurrent",
+    "resize",
+    "attention",
+    "quant",
+    "extra",
+    "sequence",
+    "string",
+    "random",
+    "signal",
+    "vision",
 )
 
 
