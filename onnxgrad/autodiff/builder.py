@@ -37,13 +37,19 @@ class Node:
         proto: the NodeProto.
         opset: the opset of the node's domain in the model.
         attrs: attribute values by name (strings decoded, tensors as numpy arrays).
-        needs: per input, whether its gradient is wanted.
+        needs: per input, then per outer-scope name, whether its gradient is wanted.
+        outer: for nodes with subgraphs (If, Loop, Scan), the enclosing-scope tensors the
+            subgraphs read, sorted. A rule returns one gradient per input, then one per
+            outer name.
+        opsets: the model's opset per domain (for rules that differentiate subgraphs).
     """
 
     proto: onnx.NodeProto
     opset: int
     attrs: dict[str, Any] = field(default_factory=dict)
     needs: tuple[bool, ...] = ()
+    outer: tuple[str, ...] = ()
+    opsets: dict[str, int] = field(default_factory=dict)
 
     @property
     def op_type(self) -> str:
@@ -66,7 +72,7 @@ class Node:
         return list(self.proto.output)
 
     def needs_grad(self, i: int) -> bool:
-        """Whether the gradient of input `i` is wanted."""
+        """Whether the gradient of input `i` is wanted (i ≥ len(input): outer name i − len(input))."""
         return i < len(self.needs) and self.needs[i]
 
 
@@ -101,6 +107,7 @@ class _Builder:
         self.model = model
         self.graph = model.graph
         self.opset = opset_of(model)
+        self.opsets = _opsets(model)
         self.info = GraphInfo.from_graph(self.graph)
         self.producer: dict[str, onnx.NodeProto] = {}
         for node in self.graph.node:
@@ -109,6 +116,7 @@ class _Builder:
                     self.producer[out] = node
         taken = set(self.producer) | {t.name for t in self.graph.initializer}
         taken |= {i.name for i in self.graph.input} | {n.name for n in self.graph.node}
+        taken |= _subgraph_names(self.graph)
         self.root = Emitter(self.info, self.opset, taken=taken)
 
     def build(self, wrt: Sequence[str] | None, loss: str | None) -> onnx.ModelProto:
@@ -117,18 +125,19 @@ class _Builder:
         wrt = self._wrt_names(wrt)
 
         # 2. The nodes between them, and a rule for each.
-        active, needs = self._active_nodes(wrt, loss)
-        self._check_rules(active)
+        walk = _Pass(self.root, self.opsets)
+        active, needs = walk.active_nodes(self.graph.node, wrt, [loss])
+        walk.check_rules(active)
 
         # 3. Reverse walk: each rule turns output gradients into input gradients.
         seed, seed_input = self._seed(loss)
         grads: dict[str, list[str]] = {loss: [seed]}
         final: dict[str, str] = {}
         for node in reversed(active):
-            self._backward(node, needs, grads, final)
+            walk.backward(node, needs, grads, final)
 
         # 4. The wrt gradients as outputs, named `<name>_grad`.
-        outputs = [self._wrt_output(w, grads, final) for w in wrt]
+        outputs = [self._wrt_output(walk, w, grads, final) for w in wrt]
         self._rename(final, outputs, seed)
         return self._assemble(wrt, outputs, seed_input)
 
@@ -177,41 +186,6 @@ class _Builder:
             raise GradientError("wrt names a tensor twice")
         return wrt
 
-    # Step 2.
-
-    def _is_float(self, name: str) -> bool:
-        return self.info.dtypes.get(name, onnx.TensorProto.FLOAT) in FLOAT_TYPES
-
-    def _active_nodes(self, wrt: list[str], loss: str) -> tuple[list[onnx.NodeProto], set[str]]:
-        """Nodes that some wrt tensor reaches and that reach the loss, in graph order."""
-        needs = set(wrt)
-        for node in self.graph.node:
-            if any(i in needs for i in node.input if i):
-                entry = registry.lookup(node.op_type, node.domain)
-                if entry is not None and entry.state != registry.RULE:
-                    continue
-                needs.update(o for o in node.output if o and self._is_float(o))
-        reaches = {loss}
-        for node in reversed(self.graph.node):
-            if any(o in reaches for o in node.output):
-                reaches.update(i for i in node.input if i)
-        active = [
-            n
-            for n in self.graph.node
-            if any(o in reaches and o in needs for o in n.output)
-            and any(i in needs for i in n.input if i)
-        ]
-        return active, needs
-
-    def _check_rules(self, active: Iterable[onnx.NodeProto]) -> None:
-        missing = []
-        for node in active:
-            if registry.lookup(node.op_type, node.domain) is None:
-                opset = opset_of(self.model, node.domain)
-                missing.append((node.op_type, node.domain, opset, node.name))
-        if missing:
-            raise MissingGradientError(missing)
-
     # Step 3.
 
     def _seed(self, loss: str) -> tuple[str, onnx.ValueInfoProto | None]:
@@ -234,57 +208,10 @@ class _Builder:
         self.info.shapes[name] = list(shape)
         return name, vi
 
-    def _accumulate(
-        self, name: str, grads: dict[str, list[str]], final: dict[str, str]
-    ) -> str | None:
-        parts = grads.get(name)
-        if not parts:
-            return None
-        if len(parts) == 1:
-            total = parts[0]
-        else:
-            b = self.root.scoped(f"{name}{GRAD_SUFFIX}/")
-            total = b.Sum(*parts)  # dt = Σ grads that meet at t
-        grads[name] = [total]
-        final[name] = total
-        return total
-
-    def _backward(self, node: onnx.NodeProto, needs: set[str], grads, final) -> None:
-        dys = [self._accumulate(o, grads, final) if o else None for o in node.output]
-        if all(dy is None for dy in dys):
-            return
-        entry = registry.lookup(node.op_type, node.domain)
-        assert entry is not None and entry.fn is not None  # _check_rules saw to it
-        view = Node(
-            node,
-            opset_of(self.model, node.domain),
-            attributes(node),
-            tuple(bool(i) and i in needs for i in node.input),
-        )
-        b = self.root.scoped(f"{node.name}{GRAD_SUFFIX}/")
-        dxs = list(entry.fn(b, view, dys))
-        if any(dx is not None for dx in dxs[len(node.input) :]):
-            raise GradientError(
-                f"the {node.op_type} rule returned {len(dxs)} gradients for {len(node.input)} "
-                f"inputs at node '{node.name}'"
-            )
-        logger.debug(
-            "backward of %s '%s': %d input gradients",
-            node.op_type,
-            node.name,
-            sum(dx is not None for dx in dxs),
-        )
-        for x, dx in zip(node.input, dxs):
-            if dx is None or not x or x not in needs:
-                continue
-            if entry.broadcast:
-                dx = b.sum_to(dx, x, b.shape(node.output[0]))
-            grads.setdefault(x, []).append(dx)
-
     # Step 4.
 
-    def _wrt_output(self, w: str, grads, final) -> str:
-        g = final.get(w) or self._accumulate(w, grads, final)
+    def _wrt_output(self, walk: _Pass, w: str, grads, final) -> str:
+        g = final.get(w) or walk.accumulate(w, grads, final)
         if g is None:
             logger.warning("the loss does not depend on '%s': its gradient is zero", w)
             g = self.root.scoped(f"{w}{GRAD_SUFFIX}/").zeros_like(w)
@@ -306,6 +233,7 @@ class _Builder:
         for node in self.root.nodes:
             node.input[:] = [mapping.get(i, i) for i in node.input]
             node.output[:] = [mapping.get(o, o) for o in node.output]
+            _rename_reads(node, mapping)  # subgraphs of backward If nodes read gradients too
         for t, g in list(final.items()):
             final[t] = mapping.get(g, g)
         for i, g in enumerate(outputs):
@@ -340,3 +268,337 @@ class _Builder:
         except Exception as err:  # onnx's own function bodies can fail its type check
             logger.warning("shape inference failed on the gradient graph: %s", err)
         return model
+
+
+class _Pass:
+    """One reverse pass over a list of forward nodes, emitting through one emitter.
+
+    The main graph gets one pass; a rule that differentiates a subgraph (If, Loop, Scan)
+    runs another over the subgraph's nodes, copied into the emitter's scope.
+    """
+
+    def __init__(self, base: Emitter, opsets: dict[str, int]):
+        self.base = base
+        self.opsets = opsets
+
+    def is_float(self, name: str) -> bool:
+        return self.base.info.dtypes.get(name, onnx.TensorProto.FLOAT) in FLOAT_TYPES
+
+    def active_nodes(
+        self, nodes: Sequence[onnx.NodeProto], wrt: Iterable[str], seeds: Iterable[str]
+    ) -> tuple[list[onnx.NodeProto], set[str]]:
+        """Nodes that some wrt tensor reaches and that reach a seed, in graph order.
+
+        A node's subgraphs' outer-scope reads count as its inputs.
+        """
+        needs = set(wrt)
+        for node in nodes:
+            if any(i in needs for i in _reads(node) if i):
+                entry = registry.lookup(node.op_type, node.domain)
+                if entry is not None and entry.state != registry.RULE:
+                    continue
+                needs.update(o for o in node.output if o and self.is_float(o))
+        reaches = set(seeds)
+        for node in reversed(nodes):
+            if any(o in reaches for o in node.output):
+                reaches.update(i for i in _reads(node) if i)
+        active = [
+            n
+            for n in nodes
+            if any(o in reaches and o in needs for o in n.output)
+            and any(i in needs for i in _reads(n) if i)
+        ]
+        return active, needs
+
+    def check_rules(self, active: Iterable[onnx.NodeProto]) -> None:
+        missing = []
+        for node in active:
+            if registry.lookup(node.op_type, node.domain) is None:
+                opset = _opset(self.opsets, node.domain)
+                missing.append((node.op_type, node.domain, opset, node.name))
+        if missing:
+            raise MissingGradientError(missing)
+
+    def accumulate(
+        self, name: str, grads: dict[str, list[str]], final: dict[str, str]
+    ) -> str | None:
+        parts = grads.get(name)
+        if not parts:
+            return None
+        if len(parts) == 1:
+            total = parts[0]
+        else:
+            b = self.base.scoped(f"{name}{GRAD_SUFFIX}/")
+            total = b.Sum(*parts)  # dt = Σ grads that meet at t
+        grads[name] = [total]
+        final[name] = total
+        return total
+
+    def backward(self, node: onnx.NodeProto, needs: set[str], grads, final) -> None:
+        dys = [self.accumulate(o, grads, final) if o else None for o in node.output]
+        if all(dy is None for dy in dys):
+            return
+        entry = registry.lookup(node.op_type, node.domain)
+        assert entry is not None and entry.fn is not None  # check_rules saw to it
+        outer = tuple(scope_reads(node))
+        sources = list(node.input) + list(outer)
+        view = Node(
+            node,
+            _opset(self.opsets, node.domain),
+            attributes(node),
+            tuple(bool(i) and i in needs for i in sources),
+            outer,
+            self.opsets,
+        )
+        b = self.base.scoped(f"{node.name}{GRAD_SUFFIX}/")
+        dxs = list(entry.fn(b, view, dys))
+        if any(dx is not None for dx in dxs[len(sources) :]):
+            raise GradientError(
+                f"the {node.op_type} rule returned {len(dxs)} gradients for {len(sources)} "
+                f"inputs at node '{node.name}'"
+            )
+        logger.debug(
+            "backward of %s '%s': %d input gradients",
+            node.op_type,
+            node.name,
+            sum(dx is not None for dx in dxs),
+        )
+        for x, dx in zip(sources, dxs):
+            if dx is None or not x or x not in needs:
+                continue
+            if entry.broadcast:
+                dx = b.sum_to(dx, x, b.shape(node.output[0]))
+            grads.setdefault(x, []).append(dx)
+
+
+def _opsets(model: onnx.ModelProto) -> dict[str, int]:
+    return {("" if e.domain == "ai.onnx" else e.domain): e.version for e in model.opset_import}
+
+
+def _opset(opsets: dict[str, int], domain: str) -> int:
+    return opsets.get("" if domain == "ai.onnx" else domain, 0)
+
+
+# Subgraphs: what rules for If, Loop and Scan build on.
+
+
+def _graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend(attr.graphs)
+    return out
+
+
+def graph_reads(graph: onnx.GraphProto) -> set[str]:
+    """The enclosing-scope tensors a graph reads: its nodes' inputs and their subgraphs'
+    reads, less what the graph defines itself."""
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        local.update(node.output)
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        names.update(scope_reads(node))
+    names.update(o.name for o in graph.output)
+    return names - local
+
+
+def scope_reads(node: onnx.NodeProto) -> list[str]:
+    """The enclosing-scope tensors a node's subgraphs read, sorted (empty for most nodes)."""
+    names: set[str] = set()
+    for g in _graphs(node):
+        names |= graph_reads(g)
+    return sorted(names)
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    return list(node.input) + scope_reads(node)
+
+
+def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
+    """Every name defined inside the subgraphs of a graph's nodes, at any depth."""
+    names: set[str] = set()
+    for node in graph.node:
+        for g in _graphs(node):
+            names |= {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                names.update(o for o in n.output if o)
+                if n.name:
+                    names.add(n.name)
+            names |= _subgraph_names(g)
+    return names
+
+
+def _rename_reads(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
+    """Apply `mapping` to what a node's subgraphs read from enclosing scopes, at any depth."""
+    if not mapping:
+        return
+    for g in _graphs(node):
+        for n in g.node:
+            n.input[:] = [mapping.get(i, i) for i in n.input]
+            _rename_reads(n, mapping)
+        for out in g.output:
+            out.name = mapping.get(out.name, out.name)
+
+
+def subgraph_emitter(b: Emitter, label: str) -> Emitter:
+    """An emitter for the body of a new subgraph (an If branch): its own node list, the
+    names and tensor facts of `b`, the constants `b` has made so far (readable from inside)."""
+    return Emitter(b.info, b.opset, [], f"{b.prefix}{label}", dict(b._constants), b._taken)
+
+
+def inline_graph(
+    b: Emitter, graph: onnx.GraphProto, bindings: dict[str, str], label: str
+) -> tuple[list[onnx.NodeProto], dict[str, str]]:
+    """Copy a subgraph's nodes into `b` under fresh names, its inputs bound to tensors.
+
+    Args:
+        b: where the copies go.
+        graph: a GRAPH attribute (a Loop or Scan body, an If branch).
+        bindings: the tensor each graph input reads.
+        label: put into the copies' names, after the emitter's prefix (e.g. "iter3/").
+
+    Returns:
+        The copied nodes, and the new name of every name the graph defines (its inputs,
+        initializers and node outputs). Tensor types and shapes carry over; names the
+        graph reads from enclosing scopes stay as they are.
+    """
+    local = GraphInfo.from_graph(graph)
+    mapping = dict(bindings)
+    copies: list[onnx.NodeProto] = []
+    for inner, outer in bindings.items():  # what the graph declares holds for what it reads
+        if outer not in b.info.shapes and inner in local.shapes:
+            b.info.shapes[outer] = list(local.shapes[inner])
+        if outer not in b.info.dtypes and inner in local.dtypes:
+            b.info.dtypes[outer] = local.dtypes[inner]
+
+    def fresh(name: str) -> str:
+        new = b._fresh(f"{b.prefix}{label}{name}")
+        mapping[name] = new
+        if name in local.dtypes:
+            b.info.dtypes[new] = local.dtypes[name]
+        if name in local.shapes:
+            b.info.shapes[new] = list(local.shapes[name])
+        return new
+
+    for t in graph.initializer:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(t)
+        tensor.name = fresh(t.name)
+        copy = helper.make_node("Constant", [], [tensor.name], name=tensor.name, value=tensor)
+        b.info.constants[tensor.name] = tensor
+        b.nodes.append(copy)
+        copies.append(copy)
+    for node in graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [mapping.get(i, i) for i in node.input]
+        _rename_reads(copy, mapping)
+        copy.output[:] = [fresh(o) if o else "" for o in node.output]
+        copy.name = b._fresh(f"{b.prefix}{label}{node.name or node.op_type}")
+        if node.op_type == "Constant" and node.output[0] in local.constants:
+            b.info.constants[copy.output[0]] = local.constants[node.output[0]]
+        b.nodes.append(copy)
+        copies.append(copy)
+    return copies, mapping
+
+
+def nodes_gradient(
+    b: Emitter,
+    parent: Node,
+    nodes: Sequence[onnx.NodeProto],
+    seeds: dict[str, list[str]],
+    wrt: Sequence[str],
+) -> list[str | None]:
+    """Emit, through `b`, the gradient of forward nodes already emitted there.
+
+    Args:
+        b: the emitter that holds (or whose scope can read) `nodes`.
+        parent: the node whose rule asks (gives the opsets).
+        nodes: forward nodes, in topological order.
+        seeds: gradients of tensors (a list of parts for each; the parts are summed).
+        wrt: the tensors whose gradients are wanted (distinct names).
+
+    Returns:
+        Per wrt name, its gradient, or None where the seeds do not depend on it.
+
+    Raises:
+        MissingGradientError: nodes on the way lack a rule (all named at once).
+    """
+    walk = _Pass(b, parent.opsets)
+    active, needs = walk.active_nodes(nodes, wrt, seeds)
+    walk.check_rules(active)
+    grads = {name: list(parts) for name, parts in seeds.items() if parts}
+    final: dict[str, str] = {}
+    for node in reversed(active):
+        walk.backward(node, needs, grads, final)
+    return [walk.accumulate(w, grads, final) for w in wrt]
+
+
+def graph_gradient(
+    b: Emitter,
+    parent: Node,
+    graph: onnx.GraphProto,
+    bindings: dict[str, str],
+    dys: Sequence[str | None],
+    wrt: Sequence[str],
+    label: str = "",
+) -> list[str | None]:
+    """Recompute a subgraph in `b`'s scope and emit the gradient of its outputs.
+
+    Args:
+        b: the emitter (the rule's own, or one from `subgraph_emitter`).
+        parent: the node that holds the subgraph.
+        graph: the subgraph.
+        bindings: the tensor each graph input reads.
+        dys: per graph output, its gradient (or None).
+        wrt: the tensors whose gradients are wanted: bound tensors or tensors the graph
+            reads from enclosing scopes.
+        label: put into the copies' names.
+
+    Returns:
+        Per wrt name, its gradient, or None where the outputs do not depend on it.
+    """
+    copies, mapping = inline_graph(b, graph, bindings, label)
+    seeds: dict[str, list[str]] = {}
+    for out, dy in zip(graph.output, dys):
+        if dy is not None:
+            seeds.setdefault(mapping.get(out.name, out.name), []).append(dy)
+    return nodes_gradient(b, parent, copies, seeds, wrt)
+
+
+def make_subgraph(b: Emitter, name: str, outputs: Sequence[str]) -> onnx.GraphProto:
+    """A GraphProto of the nodes `b` emitted that `outputs` need, returning them (no inputs).
+
+    An output that is not made inside (an enclosing-scope tensor, or one returned twice)
+    is passed through an Identity, so the graph defines each of its outputs.
+    """
+    made = {o for n in b.nodes for o in n.output}
+    names, seen = [], set()
+    for out in outputs:
+        if out not in made or out in seen:
+            out = b.Identity(out)
+            made.add(out)
+        seen.add(out)
+        names.append(out)
+    # The recomputed forward may hold nodes these outputs do not need: leave them out.
+    live, kept = set(names), []
+    for node in reversed(b.nodes):
+        if any(o in live for o in node.output if o):
+            kept.append(node)
+            live.update(i for i in _reads(node) if i)
+    kept.reverse()
+    values = [
+        helper.make_tensor_value_info(
+            out, b.dtype(out), _dims(b.shape(out)) if b.shape(out) is not None else None
+        )
+        for out in names
+    ]
+    return helper.make_graph(kept, name, [], values)
+
+
+def _dims(shape: Sequence[int | str | None]) -> list[int | str | None]:
+    return [d if isinstance(d, (int, str)) else None for d in shape]
