@@ -1,4 +1,5 @@
-"""Indexing kernels: gathers, scatters, arg-reductions, Range, OneHot, Trilu, CumSum, TopK.
+"""Indexing kernels: gathers, scatters, arg-reductions, Range, OneHot, Trilu, CumSum, TopK,
+Unique, TensorScatter.
 
 Indices may be negative (counted from the end of their axis) wherever ONNX allows it.
 """
@@ -145,6 +146,8 @@ def range_(node: KernelNode):
     """Range: max(ceil((limit - start) / delta), 0) values from start, in its type."""
 
     def run(start, limit, delta):
+        # Scalars by the spec; function bodies sometimes hand in one-element vectors.
+        start, limit, delta = (np.asarray(v).reshape(-1)[0] for v in (start, limit, delta))
         count = max(int(np.ceil((limit - start) / delta)), 0)
         steps = np.arange(count, dtype=np.float64 if start.dtype.kind == "f" else np.int64)
         return ((start + steps * delta).astype(start.dtype),)
@@ -213,5 +216,60 @@ def top_k(node: KernelNode):
         order = np.argsort(-keys if largest else keys, axis=a, kind="stable")
         order = np.take(order, np.arange(count), axis=a)
         return np.take_along_axis(x, order, axis=a), order.astype(np.int64)
+
+    return run
+
+
+@kernel("Unique")
+def unique(node: KernelNode):
+    """Unique values (or slices along `axis`), sorted or in order of first occurrence, with
+    the first-occurrence indices, the inverse indices and the counts."""
+    axis = node.attrs.get("axis")
+    keep_sorted = node.attrs.get("sorted", 1)
+
+    def run(x):
+        a = None if axis is None else axis % x.ndim
+        # numpy sorts only its own types: ml_dtypes floats (bfloat16, ...) go through float32.
+        keys = x.astype(np.float32) if x.dtype.kind == "V" else x
+        _, first, inverse, counts = np.unique(
+            keys, return_index=True, return_inverse=True, return_counts=True, axis=a
+        )
+        inverse = inverse.reshape(-1)
+        if not keep_sorted:
+            # Renumber the unique entries by where they first occur.
+            order = np.argsort(first, kind="stable")
+            rank = np.empty_like(order)
+            rank[order] = np.arange(order.size)
+            first, counts, inverse = first[order], counts[order], rank[inverse]
+        y = x.reshape(-1)[first] if a is None else np.take(x, first, axis=a)
+        first, inverse, counts = (np.asarray(v, dtype=np.int64) for v in (first, inverse, counts))
+        return y, first, inverse, counts
+
+    return run
+
+
+@kernel("TensorScatter")
+def tensor_scatter(node: KernelNode):
+    """TensorScatter: the cache with `update` written along `axis` from each batch entry's
+    write index (0 when absent); mode "circular" wraps the index around the axis."""
+    axis = node.attrs.get("axis", -2)
+    circular = node.attrs.get("mode", "linear") == "circular"
+
+    def run(past, update, write_indices=None):
+        a = axis % past.ndim
+        if a == 0:
+            raise ValueError("TensorScatter axis must not be the batch axis 0")
+        out = past.copy()
+        length, size = update.shape[a], past.shape[a]
+        batch = past.shape[0]
+        starts = np.zeros(batch, np.int64) if write_indices is None else write_indices
+        for b in range(batch):
+            positions = int(starts[b]) + np.arange(length)
+            if circular:
+                positions %= size
+            # A view of this batch entry with the sequence axis first: writes land in `out`.
+            target = np.moveaxis(out[b], a - 1, 0)
+            target[positions] = np.moveaxis(update[b], a - 1, 0)
+        return (out,)
 
     return run

@@ -229,12 +229,14 @@ def depth_to_space(node: KernelNode):
 
 @kernel("SpaceToDepth")
 def space_to_depth(node: KernelNode):
-    """SpaceToDepth: the inverse of DepthToSpace in DCR order."""
+    """SpaceToDepth: the inverse of DepthToSpace, in DCR (default) or CRD order."""
     size = node.attrs["blocksize"]
+    crd = node.attrs.get("mode", "DCR") == "CRD"
 
     def run(x):
         n, c, h, w = x.shape
-        t = x.reshape(n, c, h // size, size, w // size, size).transpose(0, 3, 5, 1, 2, 4)
+        t = x.reshape(n, c, h // size, size, w // size, size)
+        t = t.transpose(0, 1, 3, 5, 2, 4) if crd else t.transpose(0, 3, 5, 1, 2, 4)
         return (t.reshape(n, c * size * size, h // size, w // size),)
 
     return run
