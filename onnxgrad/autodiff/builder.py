@@ -244,6 +244,9 @@ class _Builder:
         for w, g in zip(wrt, outputs):
             name = f"{w}{GRAD_SUFFIX}"
             if g != name:
+                if name in self.root._taken:
+                    # Taken already, as when differentiating a gradient model a second time.
+                    name = self.root._fresh(name)
                 self.root.Identity(g, name=name)
             out_names.append(name)
 
@@ -297,7 +300,8 @@ class _Pass:
                 entry = registry.lookup(node.op_type, node.domain)
                 if entry is not None and entry.state != registry.RULE:
                     continue
-                needs.update(o for o in node.output if o and self.is_float(o))
+                through = entry is not None and entry.through_integers
+                needs.update(o for o in node.output if o and (through or self.is_float(o)))
         reaches = set(seeds)
         for node in reversed(nodes):
             if any(o in reaches for o in node.output):

@@ -33,6 +33,8 @@ class RuleEntry:
         fn: the rule function (RULE only).
         broadcast: the rule returns input gradients in the output's shape; the builder
             reduces them to each input's shape.
+        through_integers: the op's integer outputs carry a gradient (a straight-through
+            estimator, as for QuantizeLinear), where integers otherwise stop it.
     """
 
     op_type: str
@@ -40,6 +42,7 @@ class RuleEntry:
     state: str
     fn: Rule | None = None
     broadcast: bool = False
+    through_integers: bool = False
 
 
 RULES: dict[tuple[str, str], RuleEntry] = {}
@@ -72,7 +75,9 @@ def _add(entry: RuleEntry) -> None:
     RULES[key] = entry
 
 
-def rule(*op_types: str, domain: str = "", broadcast: bool = False) -> Callable[[Rule], Rule]:
+def rule(
+    *op_types: str, domain: str = "", broadcast: bool = False, through_integers: bool = False
+) -> Callable[[Rule], Rule]:
     """Register `fn(b, node, dys)` as the derivative rule of each op type given.
 
     Args:
@@ -80,11 +85,13 @@ def rule(*op_types: str, domain: str = "", broadcast: bool = False) -> Callable[
         domain: the op's domain ("" for ai.onnx).
         broadcast: the op broadcasts its inputs (numpy style); the rule returns gradients
             shaped like the output and the builder reduces them.
+        through_integers: let the gradient pass the op's integer outputs (straight-through
+            estimators); everywhere else integer tensors stop gradients.
     """
 
     def register(fn: Rule) -> Rule:
         for op in op_types:
-            _add(RuleEntry(op, domain, RULE, fn, broadcast))
+            _add(RuleEntry(op, domain, RULE, fn, broadcast, through_integers))
         return fn
 
     return register

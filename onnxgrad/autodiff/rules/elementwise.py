@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from onnxgrad.autodiff.rules import non_differentiable, rule, zero
+from onnxgrad.importer import FLOAT_TYPES
 
 
 @rule("Add", broadcast=True)
@@ -120,6 +121,78 @@ def erf(b, node, dys):
 def sum_(b, node, dys):
     """y = Σ xᵢ  →  dxᵢ = dy"""
     return [dys[0]] * len(node.input)
+
+
+def _extremum(b, node, dys):
+    """The rule of Max and Min: dy goes to the inputs equal to y, split evenly among ties."""
+    dy, y = dys[0], node.output[0]
+    if len(node.input) == 1:
+        return [dy]
+    # Where several inputs reach the extremum, each gets dy / (number of ties): the average
+    # of the one-sided derivatives, so that Σ dxᵢ = dy always holds.
+    hits = [b.Cast(b.Equal(x, y), to=b.dtype(y)) for x in node.input]
+    share = b.Div(dy, b.Sum(*hits))
+    return [b.Mul(share, hit) if node.needs_grad(i) else None for i, hit in enumerate(hits)]
+
+
+@rule("Max", broadcast=True)
+def max_(b, node, dys):
+    """y = max(x₁, …, xₙ)  →  dxᵢ = dy · [xᵢ = y] / Σⱼ [xⱼ = y]
+
+    Ties share dy evenly (see _extremum).
+    """
+    return _extremum(b, node, dys)
+
+
+@rule("Min", broadcast=True)
+def min_(b, node, dys):
+    """y = min(x₁, …, xₙ)  →  dxᵢ = dy · [xᵢ = y] / Σⱼ [xⱼ = y]
+
+    Ties share dy evenly (see _extremum).
+    """
+    return _extremum(b, node, dys)
+
+
+@rule("Mean", broadcast=True)
+def mean(b, node, dys):
+    """y = (1/n) Σ xᵢ  →  dxᵢ = dy / n"""
+    dy = dys[0]
+    n = len(node.input)
+    share = dy if n == 1 else b.Div(dy, b.const(float(n), like=dy))
+    return [share] * n
+
+
+@rule("Mod", broadcast=True)
+def mod(b, node, dys):
+    """y = A − B · q,  q = trunc(A/B) (fmod=1) or floor(A/B) (fmod=0)  →  dA = dy, dB = −dy · q
+
+    q is piecewise constant: at the jumps (A/B an integer) we take the one-sided derivative
+    that treats q as constant there too. Only float tensors get gradients (integer Mod is
+    stopped by the builder).
+    """
+    dy = dys[0]
+    a, c = node.input
+    if not node.needs_grad(1):
+        return [dy, None]
+    ratio = b.Div(a, c)
+    if node.attrs.get("fmod", 0):
+        q = b.Mul(b.Sign(ratio), b.Floor(b.Abs(ratio)))  # trunc(r) = sign(r) · ⌊|r|⌋
+    else:
+        q = b.Floor(ratio)
+    return [dy, b.Neg(b.Mul(dy, q))]
+
+
+@rule("CastLike")
+def cast_like(b, node, dys):
+    """y = cast(x, type(target))  →  dx = cast(dy, type(x)); target gets none
+
+    As for Cast, rounding to a narrower float type is taken as the identity. Integer or
+    boolean x gets no gradient.
+    """
+    x = node.input[0]
+    if b.dtype(x) not in FLOAT_TYPES:
+        return [None, None]
+    return [b.CastLike(dys[0], x), None]
 
 
 # Piecewise constant: the gradient is zero almost everywhere (and we take 0 at the jumps).
