@@ -29,12 +29,14 @@ class GradReport:
         analytic: the gradient's projections on the checked directions (or the whole gradient).
         numeric: the same, by central differences.
         mode: "full" (every element) or "directions".
+        grad: the whole analytic gradient, shaped like the tensor (None when not kept).
     """
 
     name: str
     analytic: np.ndarray
     numeric: np.ndarray
     mode: str
+    grad: np.ndarray | None = None
 
     @property
     def abs_error(self) -> float:
@@ -124,12 +126,15 @@ def check_gradients(
                 step[k] = eps
                 step = step.reshape(base.shape)
                 numeric[k] = (at(base + step) - at(base - step)) / (2 * eps)
-            reports.append(GradReport(name, np.asarray(g, np.float64).reshape(-1), numeric, "full"))
+            whole = np.asarray(g, np.float64)
+            reports.append(GradReport(name, whole.reshape(-1), numeric, "full", whole))
         else:
             proj_a, proj_n = [], []
             for _ in range(directions):
                 d = rng.standard_normal(base.shape).astype(base.dtype)
                 proj_a.append(float(np.sum(np.asarray(g, np.float64) * d)))
                 proj_n.append((at(base + eps * d) - at(base - eps * d)) / (2 * eps))
-            reports.append(GradReport(name, np.array(proj_a), np.array(proj_n), "directions"))
+            reports.append(
+                GradReport(name, np.array(proj_a), np.array(proj_n), "directions", np.asarray(g))
+            )
     return reports
