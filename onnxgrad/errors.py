@@ -65,5 +65,17 @@ class DataError(OnnxgradError, ValueError):
     """Training data that is missing, unreadable, or does not fit the model."""
 
 
+class CheckpointError(OnnxgradError):
+    """A checkpoint that cannot be read, or does not fit the trainer resuming from it."""
+
+
+class UsageError(OnnxgradError):
+    """A bad command line: unknown option, missing argument, value out of range."""
+
+
+class MissingDependencyError(OnnxgradError):
+    """An optional package a feature needs is not installed (the message names the extra)."""
+
+
 class ExportError(OnnxgradError):
     """Trained weights cannot be written back."""

@@ -11,6 +11,7 @@ and then renamed over the target (`os.replace`), so no file is ever left half-wr
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
 from onnxgrad.errors import ExportError, ModelLoadError
-from onnxgrad.importer import read
+from onnxgrad.importer import FLOAT_TYPES, load, read, trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,92 @@ def export_training_model(
             Path(tmp).unlink(missing_ok=True)
         raise
     logger.info("exported the training graph to '%s'", path)
+
+
+WEIGHT_FORMATS = (".safetensors", ".npz")
+"""The file types `export_weights` writes, by extension."""
+
+
+def export_weights(
+    model: str | os.PathLike | bytes | onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    trainable_only: bool = False,
+) -> list[str]:
+    """Write a model's weights under their initializer names, for other frameworks.
+
+    PyTorch's exporters name initializers after the module's state_dict keys
+    ("fc1.weight"), so `torch_model.load_state_dict(safetensors.torch.load_file(path))`
+    takes the weights back, with these exceptions:
+
+    - integer buffers (BatchNorm's num_batches_tracked) are not float weights and are not
+      written; torch's BatchNorm fills the counter in when it is missing;
+    - with the module in eval mode, both exporters fold a BatchNormalization that follows a
+      Conv into the Conv's weights: the dynamo exporter keeps the name "conv.weight" for the
+      fused values and drops "bn.*"; export with `optimize=False` (dynamo) to keep them
+      apart;
+    - the legacy exporter (dynamo=False) renames what its constant folding produced:
+      fused or transposed weights become "onnx::Conv_23", "onnx::MatMul_41", ...; those
+      have no state_dict key. Load with strict=False and check the missing keys, or export
+      with `do_constant_folding=False`.
+
+    Args:
+        model: a path, bytes or ModelProto (external data is read from the model's folder).
+        path: the file to write (atomically): `.safetensors` (needs the safetensors package,
+            an optional extra) or `.npz`.
+        trainable_only: only the trainable parameters (`onnxgrad.trainable_parameters`);
+            by default every floating-point initializer, BatchNormalization statistics and
+            exporter constants included.
+
+    Returns:
+        The names written, in graph order.
+
+    Raises:
+        ExportError: an unknown extension, safetensors missing, or an unreadable model.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in WEIGHT_FORMATS:
+        raise ExportError(
+            f"cannot tell the weight format of '{path}': name it .safetensors or .npz"
+        )
+    try:
+        stored = read(model)
+        keep = set(trainable_parameters(load(stored))) if trainable_only else None
+    except ModelLoadError as err:
+        raise ExportError(f"cannot read the model to export its weights: {err}") from err
+
+    # 1. Which initializers: all floating-point ones as stored, or the trainable ones.
+    tensors = [t for t in stored.graph.initializer if t.data_type in FLOAT_TYPES]
+    if keep is not None:
+        tensors = [t for t in tensors if t.name in keep]
+    weights = {t.name: np.ascontiguousarray(numpy_helper.to_array(t)) for t in tensors}
+
+    # 2. The file, written to a temporary name and renamed into place.
+    if suffix == ".safetensors":
+        try:
+            from safetensors.numpy import save as safetensors_bytes
+        except ImportError as err:
+            raise ExportError(
+                "writing .safetensors needs the safetensors package, which is not installed: "
+                "install the extra with `pip install onnxgrad[safetensors]`, or write .npz"
+            ) from err
+        data = safetensors_bytes(weights, metadata={"producer": "onnxgrad"})
+    else:
+        buffer = io.BytesIO()
+        np.savez(buffer, **weights)
+        data = buffer.getvalue()
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise ExportError(f"cannot write '{path}': folder '{folder}' does not exist")
+    tmp = _stage_bytes(folder, path.name, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("exported %d weight(s) to '%s'", len(weights), path)
+    return list(weights)
 
 
 def _read_original(source) -> tuple[onnx.ModelProto, Path | None]:

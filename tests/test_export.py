@@ -246,3 +246,111 @@ def test_export_training_model_from_a_model(tmp_path):
     for a, b in zip(theirs, ours):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grad.onnx"]
+
+
+# Weights out for other frameworks.
+
+
+def test_export_weights_npz_all_and_trainable(tmp_path):
+    model = gemm_model()
+    scale = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    model.graph.initializer.append(scale)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, 3], np.int64), "shape"))
+    model.graph.node.append(helper.make_node("Mul", ["y", "two"], ["y2"], name="double"))
+    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["batch", 3]))
+    names = onnxgrad.export.export_weights(model, tmp_path / "all.npz")
+    assert names == ["W1", "b1", "W2", "b2", "two"]  # floats only, constants included
+    with np.load(tmp_path / "all.npz") as npz:
+        assert npz.files == names
+        for t in model.graph.initializer[:4]:
+            np.testing.assert_array_equal(npz[t.name], numpy_helper.to_array(t))
+    only = onnxgrad.export.export_weights(model, tmp_path / "some.npz", trainable_only=True)
+    assert only == ["W1", "b1", "W2", "b2"]
+    assert sorted(os.listdir(tmp_path)) == ["all.npz", "some.npz"]
+
+
+def test_export_weights_safetensors(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    path = tmp_path / "w.safetensors"
+    trainer = trained(gemm_model())
+    trainer.save(tmp_path / "tuned.onnx")
+    onnxgrad.export.export_weights(tmp_path / "tuned.onnx", path)
+    loaded = safetensors_numpy.load_file(str(path))
+    assert sorted(loaded) == ["W1", "W2", "b1", "b2"]
+    for name, value in trainer.parameters.items():
+        np.testing.assert_array_equal(loaded[name], value)
+
+
+def test_export_weights_errors(tmp_path, monkeypatch):
+    with pytest.raises(ExportError, match=r"name it \.safetensors or \.npz"):
+        onnxgrad.export.export_weights(gemm_model(), tmp_path / "w.pt")
+    with pytest.raises(ExportError, match="cannot read the model"):
+        onnxgrad.export.export_weights(tmp_path / "missing.onnx", tmp_path / "w.npz")
+    monkeypatch.setitem(__import__("sys").modules, "safetensors", None)
+    monkeypatch.setitem(__import__("sys").modules, "safetensors.numpy", None)
+    with pytest.raises(ExportError, match=r"pip install onnxgrad\[safetensors\]"):
+        onnxgrad.export.export_weights(gemm_model(), tmp_path / "w.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_weights_cli(tmp_path, capsys):
+    from onnxgrad.cli import main
+
+    onnx.save(gemm_model(), tmp_path / "m.onnx")
+    assert main(["export-weights", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "w.npz")]) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "w.npz").is_file()
+    args = ["export-weights", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "t.npz")]
+    assert main([*args, "--trainable-only"]) == 0
+    assert main(["export-weights", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "w.txt")]) == 2
+    assert "safetensors or .npz" in capsys.readouterr().err
+
+
+def test_export_weights_load_into_torch_state_dict(tmp_path):
+    """A dynamo export keeps the state_dict names: fine-tune it, export the weights, and
+    load them into the PyTorch module, which then computes what onnxgrad computes."""
+    torch = pytest.importorskip("torch")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 3, 3)
+            self.bn = torch.nn.BatchNorm2d(3)
+            self.fc = torch.nn.Linear(3 * 4 * 4, 5)
+            self.norm = torch.nn.LayerNorm(5)
+
+        def forward(self, x):
+            return self.norm(self.fc(torch.relu(self.bn(self.conv(x))).flatten(1)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = np.random.default_rng(0).normal(size=(8, 1, 6, 6)).astype(np.float32)
+    path = tmp_path / "net.onnx"
+    # optimize=False: the graph optimizer would fold the BatchNormalization into the Conv.
+    torch.onnx.export(
+        net,
+        (torch.tensor(x[:2]),),
+        str(path),
+        dynamo=True,
+        optimize=False,
+        input_names=["x"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    trainer = Trainer(path, "mse", SGD(0.1), batchnorm="train")
+    target = np.random.default_rng(1).normal(size=(8, 5)).astype(np.float32)
+    for _ in range(2):
+        trainer.step(x, target)
+    (tmp_path / "out").mkdir()
+    trainer.save(tmp_path / "out" / "tuned.onnx")  # beside its own copy of the external data
+    onnxgrad.export.export_weights(tmp_path / "out" / "tuned.onnx", tmp_path / "w.npz")
+
+    fresh = Net().eval()
+    with np.load(tmp_path / "w.npz") as npz:
+        state = {k: torch.tensor(npz[k]) for k in npz.files}
+    # strict: every key matches. (BatchNorm's int64 num_batches_tracked is not a float weight
+    # and is not exported; torch's BatchNorm fills it in when it is missing.)
+    fresh.load_state_dict(state, strict=True)
+    assert set(state) == set(fresh.state_dict()) - {"bn.num_batches_tracked"}
+    with torch.no_grad():
+        theirs = fresh(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(trainer.predict(x), theirs, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(theirs, net(torch.tensor(x)).detach().numpy(), atol=1e-4)

@@ -190,7 +190,7 @@ def split(
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"the validation fraction must lie in [0, 1), got {val_fraction}")
     n = num_samples(inputs, targets)
-    n_val = int(round(n * val_fraction))
+    n_val = round(n * val_fraction)
     if val_fraction > 0.0 and (n_val == 0 or n_val == n):
         raise DataError(
             f"cannot hold out {val_fraction:.0%} of {n} samples and keep both parts non-empty"

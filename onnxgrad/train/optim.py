@@ -10,8 +10,9 @@ follows the same trajectory it would in PyTorch from the same gradients:
   ``v = β₂·v + (1 − β₂)·g²``; ``p = p − lr/(1 − β₁ᵗ) · m / (√v/√(1 − β₂ᵗ) + ε)``.
 - AdamW: ``p = p·(1 − lr·λ)`` (decoupled decay), then Adam's update without L2.
 
-State is kept per parameter name. TODO: learning-rate schedules; until then, assign
-`optimizer.lr` between steps. Every array stays in its parameter's dtype: scalars
+State is kept per parameter name. Learning-rate schedules live in
+`onnxgrad.train.schedules` (the Trainer applies them); `optimizer.lr` may also be assigned
+between steps by hand. Every array stays in its parameter's dtype: scalars
 enter the arithmetic as Python floats, which numpy does not let widen float32.
 """
 
@@ -236,6 +237,23 @@ def clip_grad_norm(grads: Mapping[str, np.ndarray], max_norm: float) -> tuple[di
     scale = max_norm / (total + 1e-6)
     logger.debug("clipping gradients: norm %.4g > %.4g", total, max_norm)
     return {k: g * g.dtype.type(scale) for k, g in grads.items()}, total
+
+
+def clip_grad_value(grads: Mapping[str, np.ndarray], clip_value: float) -> dict:
+    """Clip every gradient element to [−clip_value, clip_value] (PyTorch's clip_grad_value_).
+
+    Args:
+        grads: gradients by name (not modified).
+        clip_value: the largest allowed magnitude (> 0).
+
+    Returns:
+        The clipped gradients, in their own dtypes.
+    """
+    out = {}
+    for name, grad in grads.items():
+        limit = grad.dtype.type(clip_value)
+        out[name] = np.clip(grad, -limit, limit)
+    return out
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

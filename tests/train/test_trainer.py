@@ -78,7 +78,16 @@ def test_fits_digits():
     history = trainer.fit(x, y, epochs=8, batch_size=32, val_split=0.2, progress=False)
     assert history[-1]["val_accuracy"] > 0.9
     assert history[-1]["loss"] < history[0]["loss"]
-    assert set(history[0]) == {"epoch", "loss", "val_loss", "val_accuracy", "seconds"}
+    assert set(history[0]) == {
+        "epoch",
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "lr",
+        "steps",
+        "seconds",
+    }
     metrics = trainer.evaluate(x, y)
     assert set(metrics) == {"loss", "accuracy"} and metrics["accuracy"] > 0.9
     predicted = trainer.predict(x[:50], batch_size=16)
