@@ -2,13 +2,17 @@
 
 A plan is made once per (requested outputs, overridden initializers): only the nodes the
 outputs need, in topological order, each bound to its kernel and to integer slots;
-nodes whose inputs are all constants are computed once, at compile time; each slot is
-released right after its last reader, so intermediates do not outlive their use.
+nodes whose inputs are all constants are computed once, at compile time; a MatMul whose
+product is only summed over its batch axes runs with that sum as one matrix product; each
+slot is released right after its last reader, so intermediates do not outlive their use.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +36,45 @@ _NOT_FOLDABLE = frozenset(
         "Dropout",
     }
 )
+
+
+# glibc mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_malloc_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks for reuse instead of returning them at once.
+
+    A training step allocates and frees the same large arrays every time. By default
+    glibc hands blocks above 128 KiB (a threshold that creeps up as blocks are freed)
+    straight back to the system and trims the heap as soon as its top is free, so each
+    step pays page faults to get the same memory back, which costs more than many
+    kernels do. Raising both thresholds makes the heap act as a buffer pool: memory
+    freed in one step serves the next. The process keeps its peak footprint instead of
+    shrinking between steps, as any arena allocator (onnxruntime's, PyTorch's on GPU)
+    does. The Trainer does this once per process, on Linux with glibc; set
+    ONNXGRAD_MALLOC=default to leave malloc alone.
+
+    Returns:
+        Whether malloc was tuned (now or earlier).
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get("ONNXGRAD_MALLOC") == "default":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) and libc.mallopt(
+            _M_TRIM_THRESHOLD, 256 * 2**20
+        )
+    except (OSError, AttributeError):  # not glibc (musl, for one): nothing to tune
+        return False
+    _malloc_tuned = bool(ok)
+    logger.debug("malloc tuned to keep freed blocks: %s", _malloc_tuned)
+    return _malloc_tuned
 
 
 @dataclass(frozen=True)
@@ -79,12 +122,16 @@ class Plan:
             else:
                 live.append(node)
 
+        # 3. Fuse the pairs that one call computes faster (same sums, fewer passes).
+        kernels = dict(kernels)
+        live = _fuse_matmul_reduce_sum(live, kernels, known, set(outputs))
+
         produced = set(known) | set(inputs) | {o for n in live for o in n.output}
         for name in self.outputs:
             if name not in produced:
                 raise ExecutionError(f"output '{name}' is not produced by any node of the model")
 
-        # 3. Slots: constants first, then inputs, then what the live nodes write.
+        # 4. Slots: constants first, then inputs, then what the live nodes write.
         def slot(name: str) -> int:
             if name not in self.slots:
                 self.slots[name] = len(self.slots)
@@ -102,7 +149,7 @@ class Plan:
             if name in known:
                 self.base[index] = known[name]
 
-        # 4. Release each intermediate after its last reader.
+        # 5. Release each intermediate after its last reader.
         last: dict[int, int] = {}
         for k, node in enumerate(live):
             for name in reads(node):
@@ -130,6 +177,7 @@ class Plan:
             )
             for k, node in enumerate(live)
         ]
+        self._program = [(s.fn, s.ins, s.outs, s.free) for s in self.steps]
         self.output_slots = [self.slots[o] for o in self.outputs]
         logger.debug("plan: %d nodes live, %d folded", len(live), len(needed) - len(live))
 
@@ -141,20 +189,121 @@ class Plan:
             index = slots.get(name)
             if index is not None:
                 env[index] = value
-        step = None
+        k = 0
         try:
-            for step in self.steps:
-                results = step.fn(*[env[i] for i in step.ins])
-                for index, value in zip(step.outs, results):
-                    env[index] = value
-                for index in step.free:
+            # Plain tuples and a one-output shortcut: this loop is the executor's whole
+            # per-node overhead.
+            for k, (fn, ins, outs, free) in enumerate(self._program):
+                results = fn(*[env[i] for i in ins])
+                if len(outs) == 1 and results:
+                    env[outs[0]] = results[0]
+                else:
+                    for index, value in zip(outs, results):
+                        env[index] = value
+                for index in free:
                     env[index] = None
         except ExecutionError:
             raise
         except Exception as err:
+            step = self.steps[k]
             values = [env[i] for i in step.ins]
             raise _kernel_error(step.node, values, err) from err
-        return [env[i] for i in self.output_slots]
+        # Some numpy reductions give scalars; callers (and onnxruntime, fed them back) want
+        # 0-d arrays.
+        return [_as_array(env[i]) for i in self.output_slots]
+
+
+def _as_array(value):
+    return np.asarray(value) if isinstance(value, np.generic) else value
+
+
+def _fuse_matmul_reduce_sum(
+    live: list[onnx.NodeProto], kernels: dict[str, Kernel], known: dict, outputs: set[str]
+) -> list[onnx.NodeProto]:
+    """Replace MatMul → ReduceSum over the batch axes by one product.
+
+    Weight gradients of layers applied to batched activations come out of the gradient
+    builder as a batched MatMul (one small product per batch entry) whose result is summed
+    over the batch: Σ_b A_b·B_b. That is one matrix product of A's rows laid side by side
+    with B's rows stacked, (M, B·K) · (B·K, N), which BLAS runs much faster and which never
+    materializes the (B, M, N) stack. The fused node keeps the ReduceSum's output name; the
+    MatMul's output, read by nothing else, disappears. Shapes are only known at run time,
+    so the fused kernel checks them and otherwise runs the two original kernels in turn.
+    """
+    readers: dict[str, int] = {}
+    for node in live:
+        for name in reads(node):
+            readers[name] = readers.get(name, 0) + 1
+    producer = {o: k for k, node in enumerate(live) for o in node.output}
+    replaced: dict[int, onnx.NodeProto | None] = {}
+    for k, node in enumerate(live):
+        if node.op_type != "ReduceSum" or node.domain not in ("", "ai.onnx"):
+            continue
+        source = node.input[0] if node.input else ""
+        j = producer.get(source)
+        if j is None or j in replaced or live[j].op_type != "MatMul":
+            continue
+        if readers.get(source) != 1 or source in outputs or len(live[j].input) != 2:
+            continue
+        axes = _constant_axes(node, known)
+        if not axes:
+            continue
+        fused = onnx.NodeProto()
+        fused.op_type = "MatMul+ReduceSum"
+        fused.name = f"{live[j].name}+{node.name}"
+        fused.input.extend(live[j].input)
+        fused.output.extend(node.output[:1])
+        keepdims = bool(next((a.i for a in node.attribute if a.name == "keepdims"), 1))
+        axes_value = known.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        kernels[fused.name] = _matmul_reduce_sum(
+            kernels[live[j].name], kernels[node.name], axes, keepdims, axes_value
+        )
+        replaced[j] = None
+        replaced[k] = fused
+    if replaced:
+        logger.debug("plan: fused %d MatMul+ReduceSum pair(s)", len(replaced) // 2)
+    return [replaced.get(k, node) for k, node in enumerate(live) if replaced.get(k, node)]
+
+
+def _constant_axes(node: onnx.NodeProto, known: dict) -> tuple[int, ...] | None:
+    """A ReduceSum's axes when fixed at compile time (input from opset 13, else attribute)."""
+    if len(node.input) > 1 and node.input[1]:
+        value = known.get(node.input[1])
+        return None if value is None else tuple(int(a) for a in np.asarray(value).reshape(-1))
+    for attr in node.attribute:
+        if attr.name == "axes":
+            return tuple(attr.ints)
+    return None
+
+
+def _matmul_reduce_sum(
+    matmul: Kernel, reduce_sum: Kernel, axes: tuple[int, ...], keepdims: bool, axes_value
+) -> Kernel:
+    """Σ over the batch axes of A·B as one product, or the two kernels where that does not fit."""
+
+    def run(a, b):
+        nd = a.ndim
+        batch_only = (
+            nd >= 3
+            and b.ndim == nd
+            and a.shape[:-2] == b.shape[:-2]
+            and a.dtype.kind == "f"
+            and a.dtype == b.dtype
+            and sorted(x % nd for x in axes) == list(range(nd - 2))
+        )
+        if not batch_only:
+            (y,) = matmul(a, b)
+            return reduce_sum(y, axes_value)
+        m, n = a.shape[-2], b.shape[-1]
+        # (B…, M, K) → (M, B…·K): a view whenever A is a transposed contiguous array, as the
+        # gradient builder's Aᵀ is; (B…, K, N) → (B…·K, N).
+        rows = np.moveaxis(a, -2, 0).reshape(m, -1)
+        y = np.matmul(rows, b.reshape(-1, n))
+        if keepdims:
+            y = y.reshape((1,) * (nd - 2) + (m, n))
+        return (y,)
+
+    return run
 
 
 def run_kernel(fn: Kernel, values: list, node: onnx.NodeProto) -> tuple:
@@ -167,11 +316,16 @@ def run_kernel(fn: Kernel, values: list, node: onnx.NodeProto) -> tuple:
         raise _kernel_error(node, values, err) from err
 
 
+def _describe(value) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, list):
+        return f"sequence of {len(value)}"
+    return f"{getattr(value, 'dtype', type(value).__name__)}{list(np.shape(value))}"
+
+
 def _kernel_error(node: onnx.NodeProto, values: list, err: Exception) -> ExecutionError:
-    shapes = ", ".join(
-        "None" if v is None else f"{getattr(v, 'dtype', type(v).__name__)}{list(np.shape(v))}"
-        for v in values
-    )
+    shapes = ", ".join(_describe(v) for v in values)
     return ExecutionError(
         f"{node.op_type} node '{node.name}' failed on inputs ({shapes}): "
         f"{type(err).__name__}: {err}"

@@ -150,6 +150,9 @@ class _NumpySession:
         out = {}
         for name, value in feeds.items():
             if name in self.inputs:
+                if self.inputs[name].type.WhichOneof("value") in ("sequence_type", "optional_type"):
+                    out[name] = value  # a sequence (a list) or an optional (None if empty): as is
+                    continue
                 declared = self.inputs[name].type.tensor_type
             elif name in self.initializers:
                 declared = None

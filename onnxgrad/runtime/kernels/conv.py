@@ -25,6 +25,13 @@ from onnxgrad.runtime.kernels import KernelNode, kernel
 
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
+# Output sizes from which Conv runs one product per image (outputs in place) rather than
+# one product over the whole batch followed by a transposing copy.
+BATCHED_MIN_OUT = 64
+CANVAS_COL2IM = True
+# How many im2col entries Conv lays out at a time (2 MiB of float32).
+COLUMNS_PER_CHUNK = 1 << 19
+
 
 @dataclass(frozen=True)
 class Windows:
@@ -187,6 +194,24 @@ def conv(node: KernelNode):
         view = view.reshape((n, group, cg) + win.out + win.kernel)
         space, taps = tuple(range(3, 3 + nsp)), tuple(range(3 + nsp, 3 + 2 * nsp))
         wg = w.reshape(group, m // group, -1)
+        if math.prod(win.out) >= BATCHED_MIN_OUT:
+            # 2. Per image and group, (M/g, Cg·k) @ (Cg·k, out): the products land in
+            #    (N, M, *out) order, so no transposing copy follows. The columns are laid
+            #    out (N, group, Cg·k, out), the cheapest order to copy out of the view,
+            #    a few images at a time, so that they stay in cache and small.
+            rows, size = cg * math.prod(win.kernel), math.prod(win.out)
+            view = view.transpose((0, 1, 2) + taps + space)
+            y = np.empty((n, group, m // group, size), dtype=np.result_type(x, w))
+            chunk = max(1, min(n, COLUMNS_PER_CHUNK // (group * rows * size)))
+            cols = np.empty((chunk,) + view.shape[1:], dtype=x.dtype)
+            for start in range(0, n, chunk):
+                part = cols[: min(chunk, n - start)]
+                np.copyto(part, view[start : start + chunk])
+                np.matmul(wg, part.reshape(-1, group, rows, size), out=y[start : start + chunk])
+            y = y.reshape((n, m) + win.out)
+            if b is not None:
+                y += b.reshape((m,) + (1,) * nsp)
+            return (y,)
         if math.prod(win.out) >= math.prod(win.kernel):
             # 2. One matrix product per group: (M/g, Cg·k) @ (Cg·k, N·out).
             cols = np.ascontiguousarray(view.transpose((1, 2) + taps + (0,) + space))
@@ -272,27 +297,30 @@ def conv_transpose(node: KernelNode):
         if min(out, default=1) <= 0:
             raise ValueError(f"the pads leave no output: output sizes {out}")
 
-        # 1. Spread every input value over the kernel, one matrix product per group:
-        #    (Og·k, Cg) @ (Cg, N·L) gives (group, Og, *k, N, *L), one slab per offset.
         cg = c // group
-        xg = np.ascontiguousarray(x.reshape((n, group, cg, -1)).transpose(1, 2, 0, 3))
         wg = w.reshape(group, cg, -1).transpose(0, 2, 1)
-        cols = np.matmul(wg, xg.reshape(group, cg, -1))
-        cols = cols.reshape((group, og) + kshape + (n,) + sizes)
-
-        # 2. col2im: add each offset's slab into a buffer that covers the full result
-        #    and the output window (which may end past it: zeros there).
         extent = tuple(
             max(s * (sz - 1) + d * (k - 1) + 1, bg + o)
             for s, sz, d, k, bg, o in zip(strides, sizes, dilations, kshape, begin, out)
         )
-        buf = np.zeros((group, og, n) + extent, dtype=x.dtype)
-        for offset in itertools.product(*(range(k) for k in kshape)):
-            where = tuple(
-                slice(k * d, k * d + s * (sz - 1) + 1, s)
-                for k, d, s, sz in zip(offset, dilations, strides, sizes)
-            )
-            buf[(Ellipsis, *where)] += cols[(slice(None), slice(None), *offset)]
+        if nsp >= 2 and all(s == 1 for s in strides) and CANVAS_COL2IM:
+            buf = _spread_on_canvas(x, wg, group, og, kshape, dilations, extent)
+        else:
+            # 1. Spread every input value over the kernel, one matrix product per group:
+            #    (Og·k, Cg) @ (Cg, N·L) gives (group, Og, *k, N, *L), one slab per offset.
+            xg = np.ascontiguousarray(x.reshape((n, group, cg, -1)).transpose(1, 2, 0, 3))
+            cols = np.matmul(wg, xg.reshape(group, cg, -1))
+            cols = cols.reshape((group, og) + kshape + (n,) + sizes)
+
+            # 2. col2im: add each offset's slab into a buffer that covers the full result
+            #    and the output window (which may end past it: zeros there).
+            buf = np.zeros((group, og, n) + extent, dtype=x.dtype)
+            for offset in itertools.product(*(range(k) for k in kshape)):
+                where = tuple(
+                    slice(k * d, k * d + s * (sz - 1) + 1, s)
+                    for k, d, s, sz in zip(offset, dilations, strides, sizes)
+                )
+                buf[(Ellipsis, *where)] += cols[(slice(None), slice(None), *offset)]
 
         # 3. Crop to the output window, as (N, M, *out).
         crop = tuple(slice(bg, bg + o) for bg, o in zip(begin, out))
@@ -303,3 +331,49 @@ def conv_transpose(node: KernelNode):
         return (y,)
 
     return run
+
+
+def _spread_on_canvas(x, wg, group, og, kshape, dilations, extent) -> np.ndarray:
+    """ConvTranspose's steps 1 and 2 for unit strides, with col2im as contiguous adds.
+
+    The input is laid on a canvas as wide as the full result along every spatial axis
+    but the first (zeros beyond the input). On that canvas a kernel offset moves every
+    value by one fixed flat distance, so col2im adds each offset's slab into the result
+    as one contiguous run instead of many short rows. Zeros that run past a row end land
+    in the next row and add nothing. The price: the product covers the canvas's zeros.
+
+    Returns:
+        The (group, Og, N, *extent) sums, as the strided col2im would give them.
+    """
+    n, nsp = x.shape[0], x.ndim - 2
+    sizes = x.shape[2:]
+    cg = x.shape[1] // group
+    canvas = (sizes[0],) + tuple(extent[1:])
+    run, taps = math.prod(canvas), math.prod(kshape)
+    steps = [math.prod(extent[i + 1 :]) for i in range(nsp)]
+    shifts = [
+        sum(o * d * st for o, d, st in zip(offset, dilations, steps))
+        for offset in itertools.product(*(range(k) for k in kshape))
+    ]
+    # Planes with room for the last offset's overhang (under one row of the first axis).
+    plane = math.prod(extent)
+    buf = np.zeros((group, og, n, plane + steps[0]), dtype=x.dtype)
+    moved = x.reshape((n, group, cg) + sizes).transpose((1, 2, 0) + tuple(range(3, 3 + nsp)))
+    corner = (Ellipsis, *(slice(0, sz) for sz in sizes))
+
+    # A few images at a time, so that the columns stay in cache and small.
+    chunk = max(1, min(n, COLUMNS_PER_CHUNK // (group * og * taps * run)))
+    xg = np.zeros((group, cg, chunk) + canvas, dtype=x.dtype)
+    for start in range(0, n, chunk):
+        # 1. The images on (group, Cg, chunk, *canvas), in the low corner (the rest stays
+        #    zero); one product per group spreads them over the kernel.
+        count = min(chunk, n - start)
+        part = xg[:, :, :count]
+        part[corner] = moved[:, :, start : start + count]
+        cols = np.matmul(wg, part.reshape(group, cg, -1)).reshape(group, og, taps, count, run)
+
+        # 2. col2im: one contiguous slice-add per kernel offset.
+        target = buf[:, :, start : start + count]
+        for t, shift in enumerate(shifts):
+            target[..., shift : shift + run] += cols[:, :, t]
+    return buf[..., :plane].reshape((group, og, n) + tuple(extent))

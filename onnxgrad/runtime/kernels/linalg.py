@@ -12,7 +12,20 @@ def matmul(node: KernelNode):
     """A · B with numpy's matmul rules (1-D promotion, broadcast batch dimensions)."""
     # np.matmul follows numpy's matmul rules, which ONNX's MatMul copies: 1-D operands are
     # promoted and the promoted axis removed again, batch dimensions broadcast.
-    return lambda a, b: (np.matmul(a, b),)
+    return lambda a, b: (matmul_nd(a, b),)
+
+
+def matmul_nd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.matmul(a, b), with (..., M, K) @ (K, N) done as one (…·M, K) @ (K, N) product.
+
+    numpy runs a stack of small products for a batched `a` against a matrix; folding the
+    batch axes into the rows gives BLAS one large product instead (the same sums; only
+    BLAS's blocking, and so the rounding, may differ).
+    """
+    if a.ndim > 2 and b.ndim == 2:
+        rows = a.reshape(-1, a.shape[-1])
+        return np.matmul(rows, b).reshape(a.shape[:-1] + b.shape[-1:])
+    return np.matmul(a, b)
 
 
 @kernel("Gemm")
@@ -50,4 +63,14 @@ def gemm(node: KernelNode):
 def einsum(node: KernelNode):
     """numpy's einsum, which reads ONNX equations as written ('...', implicit output)."""
     equation = node.attrs["equation"].replace(" ", "")
-    return lambda *xs: (np.asarray(np.einsum(equation, *xs, optimize=len(xs) > 1)),)
+
+    def run(*xs):
+        dtype = xs[0].dtype if xs else None
+        if dtype is not None and dtype.kind not in "biuf":
+            # bfloat16 (ml_dtypes) has no einsum loop: compute in float32, round back once.
+            wide = [x.astype(np.float32) for x in xs]
+            y = np.einsum(equation, *wide, optimize=len(xs) > 1)
+            return (np.asarray(y).astype(dtype),)
+        return (np.asarray(np.einsum(equation, *xs, optimize=len(xs) > 1)),)
+
+    return run

@@ -77,40 +77,74 @@ def max_pool(node: KernelNode):
                 y = part.copy() if y is None else np.maximum(y, part, out=y)
             return (y,)
 
-        # Ties: the first maximum in scan order wins (strict >), as in onnxruntime.
+        # Ties: the first maximum in scan order wins (strict >), as in onnxruntime. The
+        # winning tap is tracked without branches, arg += better · (flat − arg), in the
+        # narrowest integer type that holds every tap number.
+        taps_total = math.prod(win.kernel)
+        small = np.int8 if taps_total <= 127 else np.int32
         y, arg = None, None
         for flat, (_, taps) in enumerate(kernel_offsets(win)):
             part = xp[(Ellipsis, *taps)]
             if y is None:
                 y = part.copy()
-                arg = np.zeros(y.shape, np.int32)
+                arg = np.zeros(y.shape, small)
                 continue
             better = part > y
             np.maximum(y, part, out=y)
-            arg[better] = flat
-        best = np.unravel_index(arg, win.kernel)
-        return (y, _flat_indices(x.shape, win, best, storage_order))
+            step = np.subtract(small(flat), arg)
+            step *= better
+            arg += step
+        return (y, origins(x.shape, win) + tap_offsets(x.shape, win)[arg])
+
+    cache: dict = {}
+
+    def origins(shape, win: Windows) -> np.ndarray:
+        # Kept for one shape at a time: batch sizes rarely change between steps.
+        key = (shape, win)
+        found = cache.get(key)
+        if found is None:
+            found = _window_origins(shape, win, storage_order)
+            cache.clear()
+            cache[key] = found
+        return found
+
+    def tap_offsets(shape, win: Windows) -> np.ndarray:
+        return _tap_offsets(shape, win, storage_order)
 
     return run
 
 
-def _flat_indices(shape, win: Windows, best, storage_order: int) -> np.ndarray:
-    """Positions in X (flattened over N, C and space) of the chosen kernel taps."""
-    nsp = len(shape) - 2
-    sizes = shape[2:]
+def _axis_steps(sizes, storage_order: int) -> list[int]:
+    """How far apart neighbours along each spatial axis are in the flattened X."""
+    nsp = len(sizes)
     if storage_order:
         # Column-major within the spatial block: the first spatial axis varies fastest.
-        steps = [math.prod(sizes[:i]) for i in range(nsp)]
-    else:
-        steps = [math.prod(sizes[i + 1 :]) for i in range(nsp)]
-    index = np.zeros(best[0].shape, np.int64)
+        return [math.prod(sizes[:i]) for i in range(nsp)]
+    return [math.prod(sizes[i + 1 :]) for i in range(nsp)]
+
+
+def _window_origins(shape, win: Windows, storage_order: int) -> np.ndarray:
+    """Flat position in X (over N, C and space) of each window's first tap (maybe in the pads)."""
+    nsp = len(shape) - 2
+    sizes = shape[2:]
+    steps = _axis_steps(sizes, storage_order)
+    index = np.zeros((1,) * nsp, np.int64)
     for i in range(nsp):
-        grid = np.arange(win.out[i]) * win.strides[i] - win.begin[i]
-        grid = grid.reshape((win.out[i],) + (1,) * (nsp - 1 - i))
-        index += (grid + best[i] * win.dilations[i]) * steps[i]
+        grid = np.arange(win.out[i], dtype=np.int64) * win.strides[i] - win.begin[i]
+        index = index + grid.reshape((win.out[i],) + (1,) * (nsp - 1 - i)) * steps[i]
     block = math.prod(sizes)
     base = np.arange(shape[0] * shape[1], dtype=np.int64).reshape(shape[:2] + (1,) * nsp)
     return index + base * block
+
+
+def _tap_offsets(shape, win: Windows, storage_order: int) -> np.ndarray:
+    """Flat offset from a window's first tap to each of its taps, in scan order."""
+    steps = _axis_steps(shape[2:], storage_order)
+    offsets = np.zeros((), np.int64)
+    for i, k in enumerate(win.kernel):
+        axis = np.arange(k, dtype=np.int64) * win.dilations[i] * steps[i]
+        offsets = np.add.outer(offsets, axis)
+    return offsets.reshape(-1)
 
 
 @kernel("AveragePool")
