@@ -33,6 +33,21 @@ _BOOL_OPS = frozenset(
     }
 )
 _INT64_OPS = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})
+# The input whose element type the (first) output has, where it is not the first one.
+_DATA_INPUT = {"Where": 1, "OneHot": 2}
+# Inputs that never give the output's type (Where's boolean condition).
+_CONDITION_INPUT = {"Where": 0}
+# Outputs of their own fixed type; other outputs after the first are typed only for ops
+# whose outputs all share the data's type.
+_OUTPUT_DTYPES = {
+    ("TopK", 1): onnx.TensorProto.INT64,
+    ("MaxPool", 1): onnx.TensorProto.INT64,
+    ("Dropout", 1): onnx.TensorProto.BOOL,
+    ("Unique", 1): onnx.TensorProto.INT64,
+    ("Unique", 2): onnx.TensorProto.INT64,
+    ("Unique", 3): onnx.TensorProto.INT64,
+}
+_SAME_TYPE_OUTPUTS = frozenset({"Split", "BatchNormalization", "RNN", "GRU", "LSTM"})
 
 # Opset at which a reduction takes its axes as an input instead of an attribute.
 _AXES_INPUT_SINCE = {
@@ -188,8 +203,11 @@ class Emitter:
         )
         self.nodes.append(node)
         dtype = self._result_dtype(op_type, inputs, attrs)
-        if dtype:
-            for out in outs:
+        for k, out in enumerate(outs):
+            fixed = _OUTPUT_DTYPES.get((op_type, k))
+            if fixed is not None:
+                self.info.dtypes[out] = fixed
+            elif dtype and (k == 0 or op_type in _SAME_TYPE_OUTPUTS):
                 self.info.dtypes[out] = dtype
         return outs[0] if outputs == 1 else tuple(outs)
 
@@ -217,8 +235,11 @@ class Emitter:
         if op_type == "ConstantOfShape":
             value = attrs.get("value")
             return value.data_type if value is not None else onnx.TensorProto.FLOAT
-        for name in inputs:
-            if name and name in self.info.dtypes:
+        data = _DATA_INPUT.get(op_type, 0)
+        if data < len(inputs) and inputs[data] and inputs[data] in self.info.dtypes:
+            return self.info.dtypes[inputs[data]]
+        for k, name in enumerate(inputs):
+            if k != _CONDITION_INPUT.get(op_type) and name and name in self.info.dtypes:
                 return self.info.dtypes[name]
         return 0
 

@@ -38,6 +38,7 @@ from onnxgrad.autodiff.builder import GRAD_SUFFIX, gradient_model
 from onnxgrad.errors import GradientError, NonFiniteLossError
 from onnxgrad.export import save_model
 from onnxgrad.importer import FLOAT_TYPES, graph_inputs, load, trainable_parameters
+from onnxgrad.runtime.plan import keep_freed_memory
 from onnxgrad.runtime.session import Session
 from onnxgrad.train import data as datalib
 from onnxgrad.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -149,6 +150,10 @@ class Trainer:
         self.training_graph = gradient_model(train_model, wrt=self.trainable, loss=self.loss_name)
         self._grad_names = [f"{name}{GRAD_SUFFIX}" for name in self.trainable]
         self._session = Session(self.training_graph, backend=backend)
+        if backend == "numpy":
+            # Every step allocates and frees the same arrays: let malloc keep them for reuse
+            # (process-wide; ONNXGRAD_MALLOC=default opts out).
+            keep_freed_memory()
         self._eval_session: Session | None = None
         self._predict_session: Session | None = None
 

