@@ -22,7 +22,9 @@ from onnxgrad.errors import (
 from onnxgrad.export import export_training_model, save_model
 from onnxgrad.importer import load, trainable_parameters
 from onnxgrad.runtime.session import Session
+from onnxgrad.train.step import build_step_model
 from onnxgrad.train.trainer import Trainer
+from onnxgrad.train.training_info import TrainingSession, training_info_model
 
 __version__ = "0.1.0"
 
@@ -37,11 +39,14 @@ __all__ = [
     "OnnxgradError",
     "Session",
     "Trainer",
+    "TrainingSession",
     "UnsupportedOpError",
+    "build_step_model",
     "export_training_model",
     "gradient_model",
     "load",
     "optim",
     "save_model",
     "trainable_parameters",
+    "training_info_model",
 ]

@@ -1,4 +1,4 @@
-"""The command line: `onnxgrad train | grad | info | run`.
+"""The command line: `onnxgrad train | grad | check | info | ops | export-weights | run`.
 
 This is the only module of onnxgrad that prints. Every `OnnxgradError` (and every file
 system error) ends the command with one line, ``onnxgrad: error: ...``, on stderr and exit
@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxgrad.errors import OnnxgradError
+from onnxgrad.errors import OnnxgradError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +30,6 @@ PROG = "onnxgrad"
 LOSS_KINDS = ("cross_entropy", "mse", "l1", "bce_with_logits", "nll")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 BACKENDS = ("numpy", "onnxruntime")
-
-
-class UsageError(OnnxgradError):
-    """A bad command line: unknown option, missing argument, value out of range."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -214,6 +210,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the executor: numpy or onnxruntime (default: numpy)",
     )
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+    _add_training_controls(p)
     p.set_defaults(run=_cmd_train)
 
     # grad
@@ -254,7 +251,101 @@ def _build_parser() -> argparse.ArgumentParser:
         help="tensors to differentiate with respect to; globs match trainable "
         "parameters (default: every trainable parameter)",
     )
+    _add_step_options(p)
     p.set_defaults(run=_cmd_grad)
+
+    # export-weights
+    p = commands.add_parser(
+        "export-weights",
+        parents=[common],
+        help="write a model's weights to .safetensors or .npz",
+        description="Write the floating-point initializers of MODEL under their ONNX names "
+        "(for PyTorch exports, the state_dict keys). .safetensors needs the safetensors "
+        "package (pip install onnxgrad[safetensors]).",
+    )
+    p.add_argument("model", metavar="MODEL", help="the .onnx model")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="WEIGHTS",
+        dest="out",
+        help="the file to write: .safetensors or .npz",
+    )
+    p.add_argument(
+        "--trainable-only",
+        action="store_true",
+        help="only the trainable parameters (not BatchNormalization statistics or constants)",
+    )
+    p.set_defaults(run=_cmd_export_weights)
+
+    # check
+    p = commands.add_parser(
+        "check",
+        parents=[common],
+        help="pre-flight report and float64 gradient check before training",
+        description="Check MODEL before training: the gradient state and kernel of every node "
+        "between the loss and the parameters, every problem at once, repairs for common "
+        "export traps, and finite differences against the gradient of every parameter in "
+        "float64. Exit status 0 when all passes, 1 when a problem is found or a gradient is "
+        "off, 2 on a usage or load error.",
+    )
+    p.add_argument("model", metavar="MODEL", help="the .onnx model")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="DATA.npz",
+        help="input arrays by input name (default: random inputs)",
+    )
+    p.add_argument(
+        "--loss",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the outputs the loss reads (default: every floating-point output)",
+    )
+    p.add_argument(
+        "--wrt",
+        nargs="+",
+        default=None,
+        metavar="NAME_OR_GLOB",
+        help="parameters to check (default: every trainable parameter)",
+    )
+    p.add_argument(
+        "--samples",
+        type=_positive_int("--samples"),
+        default=2,
+        help="rows taken from --data, and the length of symbolic dimensions (default: 2)",
+    )
+    p.add_argument(
+        "--directions",
+        type=_positive_int("--directions"),
+        default=3,
+        help="random directions per parameter (default: 3)",
+    )
+    p.add_argument(
+        "--eps",
+        type=_positive_float("--eps"),
+        default=1e-6,
+        help="finite-difference step (default: 1e-6)",
+    )
+    p.add_argument(
+        "--rtol",
+        type=_positive_float("--rtol"),
+        default=1e-5,
+        help="relative tolerance (default: 1e-5)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--fix", action="store_true", help="apply the repairs (needs -o)")
+    p.add_argument(
+        "-o",
+        "--output-model",
+        default=None,
+        metavar="OUT.onnx",
+        dest="out",
+        help="with --fix: where to write the repaired model",
+    )
+    p.set_defaults(run=_cmd_check)
 
     # info
     p = commands.add_parser(
@@ -266,6 +357,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", metavar="MODEL", help="the .onnx model")
     p.set_defaults(run=_cmd_info)
+
+    # ops
+    p = commands.add_parser(
+        "ops",
+        parents=[common],
+        help="list every op type and its gradient state",
+        description="Print the gradient registry: every ai.onnx op type with its state (rule, "
+        "zero, non_differentiable, unsupported), the newest opset of its schema and whether "
+        "the numpy executor has a kernel; then the count per state.",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects instead")
+    p.set_defaults(run=_cmd_ops)
 
     # run
     p = commands.add_parser(
@@ -356,6 +459,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     # 1. The model, the data, and what to evaluate on.
     _check_writable(args.out)
+    _check_training_controls(args)
     model = load(args.model)
     input_names = [i.name for i in graph_inputs(model)]
     inputs, targets = _load_data(args.data, input_names)
@@ -379,6 +483,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     trainable = None
     if args.trainable is not None:
         trainable = _expand(args.trainable, trainable_parameters(model), "--trainable")
+    n_train = data.num_samples(inputs, targets)
     trainer = Trainer(
         args.model,
         loss=args.loss,
@@ -386,8 +491,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trainable=trainable,
         output=args.output,
         backend=args.backend,
+        **_training_controls(args, n_train),
     )
-    n_train = data.num_samples(inputs, targets)
     print(f"model: {args.model}")
     print(
         f"training on {n_train} samples from '{args.data}': loss {args.loss}, {optimizer}, "
@@ -412,7 +517,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             line += f", held-out {_scores(scores)}"
         print(f"{line} ({record['seconds']:.1f} s)", flush=True)
 
-    trainer.fit(
+    history = trainer.fit(
         inputs,
         targets,
         epochs=args.epochs,
@@ -422,14 +527,180 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=args.progress,
         validation_data=None if held is None else (held, held_targets),
         callback=report,
+        checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        log=args.log,
     )
     if held is not None:
         print(f"after: {evaluate()}")
+    _write_plot(args, history)
 
     # 4. The tuned model.
-    trainer.save(args.out)
+    trainer.save(args.out, ema=args.ema is not None)
     print(f"wrote {args.out}")
     return 0
+
+
+def _add_training_controls(p: argparse.ArgumentParser) -> None:
+    """The fine-tuning controls of `train`: what trains, modes, schedule, clipping, ..."""
+    p.add_argument(
+        "--train-after",
+        default=None,
+        metavar="NODE",
+        help="train only the parameters read by nodes downstream of NODE (with --trainable: "
+        "both must select a parameter)",
+    )
+    p.add_argument(
+        "--batchnorm",
+        default="frozen",
+        type=_choice("--batchnorm", ("frozen", "train")),
+        help="frozen: BatchNormalization uses its stored statistics (default); train: batch "
+        "statistics, running statistics updated and saved",
+    )
+    p.add_argument("--dropout", action="store_true", help="turn Dropout on at its ratio")
+    p.add_argument(
+        "--schedule",
+        default="constant",
+        type=_choice("--schedule", ("constant", "step", "cosine")),
+        help="learning-rate schedule over the run: constant, step or cosine (default: constant)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=_nonnegative_int("--warmup"),
+        default=0,
+        metavar="STEPS",
+        help="optimizer steps of linear warm-up before the schedule (default: 0)",
+    )
+    p.add_argument(
+        "--step-size",
+        type=_positive_int("--step-size"),
+        default=None,
+        metavar="STEPS",
+        help="--schedule step: steps between decays (default: a third of the run)",
+    )
+    p.add_argument(
+        "--gamma",
+        type=_positive_float("--gamma"),
+        default=0.1,
+        help="--schedule step: the decay factor (default: 0.1)",
+    )
+    p.add_argument(
+        "--min-lr",
+        type=_nonnegative_float("--min-lr"),
+        default=0.0,
+        help="--schedule cosine: the final learning rate (default: 0)",
+    )
+    p.add_argument(
+        "--clip-norm",
+        type=_positive_float("--clip-norm"),
+        default=None,
+        help="clip the gradients' global L2 norm to this",
+    )
+    p.add_argument(
+        "--clip-value",
+        type=_positive_float("--clip-value"),
+        default=None,
+        help="clip each gradient element to [-value, value]",
+    )
+    p.add_argument(
+        "--accumulate",
+        type=_positive_int("--accumulate"),
+        default=1,
+        metavar="N",
+        help="average the gradients of N batches into one step (default: 1)",
+    )
+    p.add_argument(
+        "--ema",
+        type=_number("--ema", float, lambda v: 0 <= v < 1, "a decay in [0, 1)"),
+        default=None,
+        metavar="DECAY",
+        help="keep a moving average of the weights (e.g. 0.999) and write it as the model",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="CKPT.npz",
+        help="checkpoint file, written at each epoch's end (and every --checkpoint-every steps)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int("--checkpoint-every"),
+        default=0,
+        metavar="N",
+        help="optimizer steps between checkpoints",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --checkpoint when it exists (same data, seed and batch size)",
+    )
+    p.add_argument(
+        "--log",
+        default=None,
+        metavar="FILE",
+        help="per-epoch metrics to FILE: .csv or .jsonl",
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="draw the loss curve into PNG (needs matplotlib: pip install onnxgrad[plot])",
+    )
+
+
+def _nonnegative_int(option: str):
+    return _number(option, int, lambda v: v >= 0, "a whole number >= 0")
+
+
+def _check_training_controls(args: argparse.Namespace) -> None:
+    """Fail before training on options that cannot be honoured."""
+    from onnxgrad.train.metrics import log_format, require_matplotlib
+
+    if (args.resume or args.checkpoint_every) and args.checkpoint is None:
+        raise UsageError("--resume and --checkpoint-every need --checkpoint PATH")
+    for path in (args.checkpoint, args.log, args.plot):
+        if path is not None:
+            _check_writable(path)
+    if args.log is not None:
+        log_format(args.log)
+    if args.plot is not None:
+        require_matplotlib()
+
+
+def _training_controls(args: argparse.Namespace, n_train: int) -> dict:
+    """Trainer keyword arguments from the training controls."""
+    from onnxgrad.train.data import num_batches
+    from onnxgrad.train.schedules import make_schedule
+
+    per_epoch = -(-num_batches(n_train, args.batch_size) // args.accumulate)
+    schedule = make_schedule(
+        args.schedule,
+        per_epoch * args.epochs,
+        warmup_steps=args.warmup,
+        step_size=args.step_size,
+        gamma=args.gamma,
+        eta_min=args.min_lr,
+    )
+    return {
+        "train_after": args.train_after,
+        "batchnorm": args.batchnorm,
+        "dropout": args.dropout,
+        "schedule": schedule,
+        "clip_norm": args.clip_norm,
+        "clip_value": args.clip_value,
+        "accumulate": args.accumulate,
+        "ema": args.ema,
+    }
+
+
+def _write_plot(args: argparse.Namespace, history: list[dict]) -> None:
+    if args.plot is None:
+        return
+    from onnxgrad.train.metrics import plot_history
+
+    plot_history(history, args.plot)
+    print(f"wrote {args.plot}")
 
 
 def _optimizer(args: argparse.Namespace):
@@ -465,6 +736,9 @@ def _cmd_grad(args: argparse.Namespace) -> int:
     from onnxgrad.importer import graph_inputs, load, trainable_parameters
     from onnxgrad.train.losses import append_loss
 
+    if args.optimizer is not None or args.training_info or args.opset is not None:
+        return _cmd_grad_step(args)
+
     # 1. The loss: a model output, or a loss appended on one.
     _check_writable(args.out)
     model = load(args.model)
@@ -496,6 +770,139 @@ def _cmd_grad(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_step_options(p: argparse.ArgumentParser) -> None:
+    """`grad` options that write the whole training step (onnxgrad.train.step)."""
+    p.add_argument(
+        "--optimizer",
+        default=None,
+        type=_choice("--optimizer", OPTIMIZERS),
+        help="write the whole training step with this optimizer (sgd, adam, adamw): forward, "
+        "loss, backward, update; see onnxgrad.train.step for its input and output names",
+    )
+    p.add_argument(
+        "--lr",
+        type=_nonnegative_float("--lr"),
+        default=None,
+        help="learning rate, the default of the step's 'lr' input (default: 0.01 for sgd, "
+        "0.001 for adam and adamw)",
+    )
+    p.add_argument(
+        "--momentum", type=_nonnegative_float("--momentum"), default=0.0, help="SGD momentum"
+    )
+    p.add_argument("--nesterov", action="store_true", help="SGD with Nesterov momentum")
+    p.add_argument(
+        "--weight-decay",
+        type=_nonnegative_float("--weight-decay"),
+        default=None,
+        help="weight decay (default: 0, or 0.01 for adamw)",
+    )
+    p.add_argument(
+        "--betas",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("BETA1", "BETA2"),
+        help="Adam's moment decay rates (default: 0.9 0.999)",
+    )
+    p.add_argument(
+        "--eps", type=_nonnegative_float("--eps"), default=None, help="Adam's ε (default: 1e-8)"
+    )
+    p.add_argument(
+        "--clip-norm",
+        type=_positive_float("--clip-norm"),
+        default=None,
+        help="clip the gradients by their global L2 norm before the update",
+    )
+    p.add_argument(
+        "--training-info",
+        action="store_true",
+        help="embed the step in a copy of the model as an ONNX TrainingInfoProto instead",
+    )
+    p.add_argument(
+        "--opset",
+        type=_positive_int("--opset"),
+        default=None,
+        help="write the graph at this default-domain opset (and its IR version)",
+    )
+
+
+def _cmd_grad_step(args: argparse.Namespace) -> int:
+    """`grad` with --optimizer, --training-info or --opset."""
+    from onnxgrad.autodiff.builder import gradient_model
+    from onnxgrad.importer import graph_inputs, load, trainable_parameters
+    from onnxgrad.train import optim
+    from onnxgrad.train.losses import append_loss
+    from onnxgrad.train.step import build_step_model, convert_opset, save_model_atomically
+    from onnxgrad.train.training_info import embed_training_info
+
+    _check_writable(args.out)
+    model = load(args.model)
+    outputs = [o.name for o in model.graph.output]
+    loss = args.loss if args.loss is not None else (outputs[0] if len(outputs) == 1 else None)
+    if loss is None:
+        raise UsageError(f"the model has several outputs ({', '.join(outputs)}): give --loss")
+    wrt = None if args.wrt is None else _expand(args.wrt, trainable_parameters(model), "--wrt")
+
+    # 1. Without an optimizer: the gradient graph, at another opset.
+    if args.optimizer is None:
+        if args.training_info:
+            raise UsageError("--training-info needs --optimizer: the step's update is part of it")
+        if loss in LOSS_KINDS and loss not in outputs:
+            model, loss = append_loss(model, loss, output=args.output)
+        result = convert_opset(gradient_model(model, wrt=wrt, loss=loss), args.opset)
+        save_model_atomically(result, args.out)
+        print(f"wrote {args.out}: gradient graph at opset {args.opset}")
+        print(f"inputs: {', '.join(i.name for i in graph_inputs(result))}")
+        print(f"outputs: {', '.join(o.name for o in result.graph.output)}")
+        return 0
+
+    # 2. The optimizer, as `train` builds it, with Adam's extra settings.
+    if args.optimizer != "sgd" and (args.momentum or args.nesterov):
+        raise UsageError(f"--momentum and --nesterov apply to sgd only, not {args.optimizer}")
+    if args.optimizer == "sgd" and (args.betas is not None or args.eps is not None):
+        raise UsageError("--betas and --eps apply to adam and adamw, not sgd")
+    lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 1e-3)
+    try:
+        if args.optimizer == "sgd":
+            optimizer = optim.SGD(lr, args.momentum, args.nesterov, args.weight_decay or 0.0)
+        else:
+            kind = optim.Adam if args.optimizer == "adam" else optim.AdamW
+            decay = args.weight_decay
+            if decay is None:
+                decay = 0.01 if args.optimizer == "adamw" else 0.0
+            betas = tuple(args.betas) if args.betas is not None else (0.9, 0.999)
+            eps = 1e-8 if args.eps is None else args.eps
+            optimizer = kind(lr, betas, eps, decay)
+    except ValueError as err:
+        raise UsageError(f"bad {args.optimizer} settings: {err}") from err
+
+    # 3. The step, standalone or embedded in the model.
+    step = build_step_model(
+        model, loss, optimizer, wrt, args.clip_norm, args.opset, output=args.output
+    )
+    result = embed_training_info(step) if args.training_info else step
+    save_model_atomically(result, args.out)
+    what = "model with its training step as TrainingInfoProto" if args.training_info else "step"
+    print(f"wrote {args.out}: {what} ({optimizer}, {len(step.graph.node)} nodes)")
+    if args.training_info:
+        info = result.training_info[0]
+        print(f"algorithm inputs: {', '.join(i.name for i in info.algorithm.input) or '(none)'}")
+        print(f"update bindings: {len(info.update_binding)}")
+    else:
+        print(f"inputs: {', '.join(i.name for i in step.graph.input)}")
+        print(f"outputs: {', '.join(o.name for o in step.graph.output)}")
+    return 0
+
+
+def _cmd_export_weights(args: argparse.Namespace) -> int:
+    from onnxgrad.export import export_weights
+
+    _check_writable(args.out)
+    names = export_weights(args.model, args.out, trainable_only=args.trainable_only)
+    print(f"wrote {args.out}: {len(names)} tensor(s)")
+    return 0
+
+
 def _expand(patterns: Sequence[str], candidates: Sequence[str], option: str) -> list[str]:
     """Names for a list of names and globs; a glob matches among `candidates`."""
     out: list[str] = []
@@ -524,7 +931,61 @@ def _check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+# check
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from onnxgrad import check
+    from onnxgrad.importer import graph_inputs, load, trainable_parameters
+    from onnxgrad.train.data import load_npz
+
+    # 1. Options that go together, and the data.
+    if args.fix != (args.out is not None):
+        raise UsageError("--fix and -o OUT.onnx go together: --fix writes the repaired model")
+    if args.out is not None:
+        _check_writable(args.out)
+    data = None
+    wrt = args.wrt
+    if args.data is not None or (wrt and any(c in w for w in wrt for c in "*?[")):
+        model = load(args.model)
+        if args.data is not None:
+            data, _ = load_npz(args.data, [i.name for i in graph_inputs(model)])
+        if wrt:
+            wrt = _expand(wrt, trainable_parameters(model), "--wrt")
+
+    # 2. The check, the report, the repaired model.
+    report = check.check(
+        args.model,
+        data=data,
+        loss=args.loss,
+        wrt=wrt,
+        samples=args.samples,
+        directions=args.directions,
+        eps=args.eps,
+        rtol=args.rtol,
+        seed=args.seed,
+        fix=args.fix,
+    )
+    print(check.render(report))
+    if report.repaired is not None:
+        check.save(report.repaired, args.out)
+        print(f"wrote {args.out}")
+    return 0 if report.ok else 1
+
+
 # info
+
+
+def _cmd_ops(args: argparse.Namespace) -> int:
+    import json
+
+    from onnxgrad import opsdoc
+
+    if args.json:
+        print(json.dumps(opsdoc.as_dicts(), indent=1))
+    else:
+        print(opsdoc.table())
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
