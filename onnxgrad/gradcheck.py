@@ -30,6 +30,9 @@ class GradReport:
         numeric: the same, by central differences.
         mode: "full" (every element) or "directions".
         grad: the whole analytic gradient, shaped like the tensor (None when not kept).
+        terms: per direction, the root-sum-square of the products g·d that the projection
+            adds up (None in "full" mode). A projection that nearly cancels is small while
+            its rounding is set by these terms, so tolerances scale with them.
     """
 
     name: str
@@ -37,6 +40,14 @@ class GradReport:
     numeric: np.ndarray
     mode: str
     grad: np.ndarray | None = None
+    terms: np.ndarray | None = None
+
+    def _scale(self) -> np.ndarray:
+        """Per entry, the magnitude that relative tolerances are taken against."""
+        scale = np.abs(self.numeric)
+        if self.terms is not None:
+            scale = np.maximum(scale, self.terms)
+        return scale
 
     @property
     def abs_error(self) -> float:
@@ -46,14 +57,16 @@ class GradReport:
     @property
     def rel_error(self) -> float:
         """The largest difference relative to the numeric gradient's scale."""
-        scale = max(float(np.max(np.abs(self.numeric), initial=0.0)), 1e-12)
+        scale = max(float(np.max(self._scale(), initial=0.0)), 1e-12)
         return self.abs_error / scale
 
     def ok(self, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
-        """Whether every entry agrees within atol + rtol · |numeric|."""
-        return bool(
-            np.all(np.abs(self.analytic - self.numeric) <= atol + rtol * np.abs(self.numeric))
-        )
+        """Whether every entry agrees within atol + rtol · scale.
+
+        The scale is |numeric| for whole gradients; for projections, the larger of
+        |numeric| and the size of the terms the projection sums (see `terms`).
+        """
+        return bool(np.all(np.abs(self.analytic - self.numeric) <= atol + rtol * self._scale()))
 
 
 def check_gradients(
@@ -129,12 +142,21 @@ def check_gradients(
             whole = np.asarray(g, np.float64)
             reports.append(GradReport(name, whole.reshape(-1), numeric, "full", whole))
         else:
-            proj_a, proj_n = [], []
+            proj_a, proj_n, terms = [], [], []
             for _ in range(directions):
                 d = rng.standard_normal(base.shape).astype(base.dtype)
-                proj_a.append(float(np.sum(np.asarray(g, np.float64) * d)))
+                products = np.asarray(g, np.float64) * d
+                proj_a.append(float(np.sum(products)))
+                terms.append(float(np.sqrt(np.sum(products * products))))
                 proj_n.append((at(base + eps * d) - at(base - eps * d)) / (2 * eps))
             reports.append(
-                GradReport(name, np.array(proj_a), np.array(proj_n), "directions", np.asarray(g))
+                GradReport(
+                    name,
+                    np.array(proj_a),
+                    np.array(proj_n),
+                    "directions",
+                    np.asarray(g),
+                    np.array(terms),
+                )
             )
     return reports
