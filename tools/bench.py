@@ -12,7 +12,9 @@ exporter, opset 17):
 A training step is forward, loss, backward and an SGD update: `onnxgrad.Trainer.step` on
 one side, `zero_grad / forward / loss / backward / step` in PyTorch on the other. Both run
 in one process, in alternating rounds (the order flips every round), and the medians of
-the per-step times are compared as the ratio onnxgrad / torch. The forward pass alone is
+the per-step times are compared as the ratio onnxgrad / torch. The same Trainer with
+`backend="onnxruntime"` (the training graph run by an InferenceSession) is timed against
+PyTorch the same way, in a pairing of its own. The forward pass alone is
 compared with onnxruntime (`InferenceSession`, intra-op threads set to match). Everything
 runs at 1 and 2 threads: `torch.set_num_threads`, threadpoolctl for numpy's BLAS and
 onnxruntime's session options.
@@ -199,12 +201,21 @@ def torch_step(w: Workload) -> Callable[[], float]:
     return step
 
 
-def onnxgrad_step(w: Workload) -> Callable[[], float]:
-    """A closure running one onnxgrad training step on the workload's batch."""
+def onnxgrad_step(w: Workload, backend: str = "numpy", threads: int = 1) -> Callable[[], float]:
+    """A closure running one onnxgrad training step on the workload's batch.
+
+    With backend="onnxruntime" the training graph's InferenceSession is rebuilt once with
+    `threads` intra-op threads (the Trainer leaves onnxruntime's default, every core), so
+    that it is compared with PyTorch at the same thread count.
+    """
     import onnxgrad
     from onnxgrad.optim import SGD
 
-    trainer = onnxgrad.Trainer(w.onnx_bytes, loss=w.loss, optimizer=SGD(LR))
+    trainer = onnxgrad.Trainer(w.onnx_bytes, loss=w.loss, optimizer=SGD(LR), backend=backend)
+    if backend == "onnxruntime":
+        trainer._session = onnxgrad.Session(
+            trainer.training_graph, backend="onnxruntime", threads=threads
+        )
     return lambda: trainer.step(w.x, w.target)
 
 
@@ -379,6 +390,13 @@ def run(names, threads_list, rounds: int, inner: int, memory: bool, clock: str =
         with threadpool_limits(threads, user_api="blas"):
             for name, w in workloads.items():
                 t_torch, t_ours = time_pair(torch_step(w), onnxgrad_step(w), rounds, inner, clock)
+                ort_torch, t_ort = time_pair(
+                    torch_step(w),
+                    onnxgrad_step(w, "onnxruntime", threads),
+                    rounds,
+                    inner,
+                    clock,
+                )
                 result["step"].append(
                     {
                         "workload": name,
@@ -387,6 +405,8 @@ def run(names, threads_list, rounds: int, inner: int, memory: bool, clock: str =
                         "onnxgrad_ms": t_ours * 1e3,
                         "ratio": t_ours / t_torch,
                         "target": TARGETS[name],
+                        "ort_backend_ms": t_ort * 1e3,
+                        "ort_backend_ratio": t_ort / ort_torch,
                     }
                 )
                 ours, theirs = forward_runs(w, threads)
@@ -426,13 +446,19 @@ def format_table(result: dict) -> str:
     lines.append(f"training step (forward, loss, backward, SGD), median ms of {clock}")
     lines.append(
         f"{'workload':<12}{'threads':>8}{'torch':>10}{'onnxgrad':>10}{'ratio':>8}{'target':>8}"
+        f"{'ort backend':>14}{'ratio':>8}"
     )
     for r in result["step"]:
         met = "ok" if r["ratio"] <= r["target"] else "--"
         lines.append(
             f"{r['workload']:<12}{r['threads']:>8}{r['torch_ms']:>10.2f}{r['onnxgrad_ms']:>10.2f}"
-            f"{r['ratio']:>8.2f}{r['target']:>6.2f} {met if r['threads'] == 1 else ''}"
+            f"{r['ratio']:>8.2f}{r['target']:>6.2f} {met if r['threads'] == 1 else '  '}"
+            f"{r['ort_backend_ms']:>14.2f}{r['ort_backend_ratio']:>8.2f}"
         )
+    lines.append(
+        "(ort backend: the same Trainer with backend='onnxruntime', its ratio against a "
+        "PyTorch run of its own pairing)"
+    )
     lines.append("")
     lines.append(f"forward only, median ms of {clock}")
     lines.append(f"{'workload':<12}{'threads':>8}{'ort':>10}{'onnxgrad':>10}{'ratio':>8}")

@@ -20,7 +20,7 @@ class OrtSession:
     exactly as with the numpy backend.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, threads: int | None = None):
         try:
             import onnxruntime
         except ImportError as err:
@@ -39,6 +39,9 @@ class OrtSession:
         self.initializers = {t.name for t in runnable.graph.initializer}
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         try:
             self._session = onnxruntime.InferenceSession(
                 runnable.SerializeToString(), options, providers=["CPUExecutionProvider"]

@@ -42,16 +42,25 @@ class Session:
         model: a path, bytes or ModelProto.
         backend: "numpy" (onnxgrad's kernels) or "onnxruntime".
         fold_constants: compute constant subgraphs once, at compile time.
+        threads: onnxruntime's intra-op threads (None: its default, every core). The numpy
+            backend's matrix products use numpy's BLAS threads, which threadpoolctl sets.
     """
 
-    def __init__(self, model, backend: str = "numpy", *, fold_constants: bool = True):
+    def __init__(
+        self,
+        model,
+        backend: str = "numpy",
+        *,
+        fold_constants: bool = True,
+        threads: int | None = None,
+    ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
         self.backend = backend
         if backend == "onnxruntime":
             from onnxgrad.runtime.ort import OrtSession
 
-            self._impl = OrtSession(model)
+            self._impl = OrtSession(model, threads=threads)
         else:
             self._impl = _NumpySession(model, fold_constants)
 

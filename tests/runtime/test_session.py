@@ -69,6 +69,13 @@ def test_matches_onnxruntime():
     np.testing.assert_allclose(theirs, expected(X, w), rtol=1e-6)
 
 
+def test_onnxruntime_backend_takes_a_thread_count():
+    model = chain_model()
+    session = onnxgrad.Session(model, backend="onnxruntime", threads=1)
+    assert session._impl._session.get_session_options().intra_op_num_threads == 1
+    np.testing.assert_allclose(session.run(None, {"x": X})[0], expected(X), rtol=1e-6)
+
+
 def test_constants_are_folded_and_intermediates_freed():
     session = onnxgrad.Session(chain_model())
     session.run(None, {"x": X})
