@@ -219,6 +219,62 @@ def onnxgrad_step(w: Workload, backend: str = "numpy", threads: int = 1) -> Call
     return lambda: trainer.step(w.x, w.target)
 
 
+# The matrix products of one training step, as (batch, M, K, N): forward, then the weight
+# and input gradients that the step needs (the input's own gradient is never needed).
+_MLP = [(784, 512), (512, 512), (512, 10)]
+PRODUCTS = {
+    "mlp": [(1, 128, i, o) for i, o in _MLP]  # x·Wᵀ
+    + [(1, i, 128, o) for i, o in _MLP]  # dW = xᵀ·dy
+    + [(1, 128, o, i) for i, o in _MLP[1:]],  # dx = dy·W
+    "cnn": [
+        # im2col products: conv1 (1→32, 3×3 on 28×28), conv2 (32→64 on 14×14), then fc.
+        (1, 32, 9, 64 * 784),
+        (1, 64, 288, 64 * 196),
+        (1, 64, 3136, 128),
+        (1, 64, 128, 10),
+        (1, 32, 64 * 784, 9),  # conv1 dW
+        (1, 64, 64 * 196, 288),  # conv2 dW
+        (1, 288, 64, 64 * 196),  # conv2 dX (columns, before col2im)
+        (1, 3136, 64, 128),  # fc1 dW
+        (1, 64, 128, 3136),  # fc1 dx
+        (1, 128, 64, 10),  # fc2 dW
+        (1, 64, 10, 128),  # fc2 dx
+    ],
+    "transformer": [
+        (1, 1024, 128, 384),  # qkv
+        (64, 64, 32, 64),  # q·kᵀ per head
+        (64, 64, 64, 32),  # softmax·v
+        (1, 1024, 128, 128),  # proj
+        (1, 1024, 128, 512),  # ff1
+        (1, 1024, 512, 128),  # ff2
+    ]
+    + [(1, i, 1024, o) for i, o in [(128, 384), (128, 128), (128, 512), (512, 128)]]  # dW
+    + [(1, 1024, o, i) for i, o in [(128, 384), (128, 128), (128, 512), (512, 128)]]  # dx
+    + [(64, 64, 64, 32), (64, 64, 32, 64), (64, 64, 64, 32), (64, 32, 64, 64)],  # attention
+}
+
+
+def products_run(name: str) -> Callable[[], None]:
+    """A closure running only the step's matrix products in numpy (float32, exact shapes).
+
+    This is the floor for an executor that calls numpy's BLAS: everything else a step does
+    (im2col, col2im, elementwise ops, the update) comes on top of it.
+    """
+    rng = np.random.default_rng(0)
+    operands = []
+    for batch, m, k, n in PRODUCTS[name]:
+        lead = (batch,) if batch > 1 else ()
+        a = rng.standard_normal(lead + (m, k)).astype(np.float32)
+        b = rng.standard_normal(lead + (k, n)).astype(np.float32)
+        operands.append((a, b, np.empty(lead + (m, n), np.float32)))
+
+    def run() -> None:
+        for a, b, out in operands:
+            np.matmul(a, b, out=out)
+
+    return run
+
+
 def forward_runs(w: Workload, threads: int) -> tuple[Callable, Callable]:
     """Closures running the forward pass in onnxgrad and in onnxruntime."""
     import onnxruntime as ort
@@ -390,6 +446,9 @@ def run(names, threads_list, rounds: int, inner: int, memory: bool, clock: str =
         with threadpool_limits(threads, user_api="blas"):
             for name, w in workloads.items():
                 t_torch, t_ours = time_pair(torch_step(w), onnxgrad_step(w), rounds, inner, clock)
+                products_torch, t_products = time_pair(
+                    torch_step(w), products_run(name), rounds, inner, clock
+                )
                 ort_torch, t_ort = time_pair(
                     torch_step(w),
                     onnxgrad_step(w, "onnxruntime", threads),
@@ -407,6 +466,8 @@ def run(names, threads_list, rounds: int, inner: int, memory: bool, clock: str =
                         "target": TARGETS[name],
                         "ort_backend_ms": t_ort * 1e3,
                         "ort_backend_ratio": t_ort / ort_torch,
+                        "products_ms": t_products * 1e3,
+                        "products_ratio": t_products / products_torch,
                     }
                 )
                 ours, theirs = forward_runs(w, threads)
@@ -446,7 +507,7 @@ def format_table(result: dict) -> str:
     lines.append(f"training step (forward, loss, backward, SGD), median ms of {clock}")
     lines.append(
         f"{'workload':<12}{'threads':>8}{'torch':>10}{'onnxgrad':>10}{'ratio':>8}{'target':>8}"
-        f"{'ort backend':>14}{'ratio':>8}"
+        f"{'ort backend':>14}{'ratio':>8}{'products':>10}{'ratio':>8}"
     )
     for r in result["step"]:
         met = "ok" if r["ratio"] <= r["target"] else "--"
@@ -454,10 +515,12 @@ def format_table(result: dict) -> str:
             f"{r['workload']:<12}{r['threads']:>8}{r['torch_ms']:>10.2f}{r['onnxgrad_ms']:>10.2f}"
             f"{r['ratio']:>8.2f}{r['target']:>6.2f} {met if r['threads'] == 1 else '  '}"
             f"{r['ort_backend_ms']:>14.2f}{r['ort_backend_ratio']:>8.2f}"
+            f"{r['products_ms']:>10.2f}{r['products_ratio']:>8.2f}"
         )
     lines.append(
-        "(ort backend: the same Trainer with backend='onnxruntime', its ratio against a "
-        "PyTorch run of its own pairing)"
+        "(ort backend: the same Trainer with backend='onnxruntime'; products: the step's "
+        "matrix products alone, in numpy, the floor for onnxgrad's executor; each ratio "
+        "against a PyTorch run of its own pairing)"
     )
     lines.append("")
     lines.append(f"forward only, median ms of {clock}")
