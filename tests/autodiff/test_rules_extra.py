@@ -118,6 +118,10 @@ CASES += [
         [(1, 2, 2, 2), _POOL, np.array([1, 2, 4, 5])],
         attrs={"kernel_shape": [2, 2], "strides": [2, 2]},
         id="output_shape",
+        # onnxruntime 1.32 reads the indices as positions in output_shape itself; the ONNX
+        # conformance case and reference evaluator (and our kernel) read them in the default
+        # output, padded with zeros at the end of each axis.
+        ort=False,
     ),
     Case("AffineGrid", [(2, 2, 3), np.array([2, 1, 3, 4])], opset=20),
     Case(

@@ -1,5 +1,6 @@
 """If, Loop and Scan kernels against onnxruntime: early exits, integer state, zero
-iterations, axes and directions, and subgraphs that read names from two scopes up."""
+iterations, axes and directions, opset 8 batched Scan with sequence_lens, and subgraphs
+that read names from two scopes up."""
 
 from __future__ import annotations
 
@@ -132,6 +133,54 @@ def scan(opset: int, in_axes, in_dirs, out_axes, out_dirs):
     return model, feeds
 
 
+def scan8(lens, directions=None):
+    """Opset 8 Scan: a running sum over a (3, 4, 2) and a reversed (3, 4, 2) input, batched
+    along axis 0, with an int64 state per batch entry and optional sequence_lens."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["s", "a_t"], ["s1"]),
+            helper.make_node("Mul", ["s1", "b_t"], ["s_next"]),
+            helper.make_node("Add", ["n", "one"], ["n_next"]),
+            helper.make_node("Identity", ["s_next"], ["y"]),
+            helper.make_node("Cast", ["n_next"], ["z"], to=FLOAT),
+        ],
+        "body",
+        [_vi("s", FLOAT, [2]), _vi("n", INT, []), _vi("a_t", FLOAT, [2])]
+        + [_vi("b_t", FLOAT, [2])],
+        [_vi("s_next", FLOAT, [2]), _vi("n_next", INT, []), _vi("y", FLOAT, [2])]
+        + [_vi("z", FLOAT, [])],
+        [_const("one", np.int64(1))],
+    )
+    attrs = {"body": body, "num_scan_inputs": 2}
+    if directions is not None:
+        attrs["directions"] = list(directions)
+    inputs = [_vi("s0", FLOAT, [3, 2]), _vi("a", FLOAT, [3, 4, 2]), _vi("b", FLOAT, [3, 4, 2])]
+    inits = [_const("n0", np.zeros(3, np.int64))]
+    if lens is not None:
+        inits.append(_const("lens", np.array(lens, np.int64)))
+    node = helper.make_node(
+        "Scan",
+        ["lens" if lens is not None else "", "s0", "n0", "a", "b"],
+        ["s", "n", "ys", "zs"],
+        **attrs,
+    )
+    model = _model(
+        [node],
+        inputs,
+        [_vi("s", FLOAT, [3, 2]), _vi("n", INT, [3]), _vi("ys", FLOAT, [3, 4, 2])]
+        + [_vi("zs", FLOAT, [3, 4])],
+        inits,
+        opset=8,
+    )
+    rng = np.random.default_rng(2)
+    feeds = {
+        "s0": rng.standard_normal((3, 2)).astype(np.float32),
+        "a": rng.standard_normal((3, 4, 2)).astype(np.float32),
+        "b": rng.uniform(0.5, 1.5, (3, 4, 2)).astype(np.float32),
+    }
+    return model, feeds
+
+
 def nested(flag: bool):
     """Loop → If → Scan: the Scan body reads `w` from the top graph, three scopes up, and
     `i` from the Loop body, two scopes up."""
@@ -213,6 +262,10 @@ CASES = [
     pytest.param(lambda: scan(9, None, None, None, None), id="Scan-opset9-defaults"),
     pytest.param(lambda: scan(18, (0, 1), (0, 1), (1, 0), (1, 0)), id="Scan-axes-directions"),
     pytest.param(lambda: scan(18, (-2, -1), (1, 1), (-1, -2), (0, 1)), id="Scan-negative-axes"),
+    pytest.param(lambda: scan8(None), id="Scan-opset8"),
+    pytest.param(lambda: scan8([4, 2, 1]), id="Scan-opset8-sequence_lens"),
+    pytest.param(lambda: scan8([3, 1, 4], (0, 1)), id="Scan-opset8-lens-directions"),
+    pytest.param(lambda: scan8(None, (1, 1)), id="Scan-opset8-reverse"),
     pytest.param(lambda: nested(True), id="Loop-If-Scan-then"),
     pytest.param(lambda: nested(False), id="Loop-If-Scan-else"),
     pytest.param(lambda: if_int(True), id="If-int-then"),
@@ -254,4 +307,25 @@ def test_failing_body_node_is_named():
     body.node[2].input[0] = "bad"
     body.initializer.append(_const("bad", np.ones(2, np.float32)))
     with pytest.raises(ExecutionError, match="Mul"):
+        Session(model).run(None, feeds)
+
+
+def test_scan_opset8_zero_length_keeps_the_initial_state():
+    # onnxruntime refuses a zero sequence length; the spec allows any length up to the
+    # longest: that entry keeps its initial state and its scan outputs stay zero.
+    model, feeds = scan8([4, 0, 2])
+    s, n, ys, zs = Session(model).run(None, feeds)
+    full, _ = scan8(None)
+    s_full, _, ys_full, _ = Session(full).run(None, feeds)
+    np.testing.assert_array_equal(s[0], s_full[0])
+    np.testing.assert_array_equal(s[1], feeds["s0"][1])
+    np.testing.assert_array_equal(n, [4, 0, 2])
+    np.testing.assert_array_equal(ys[1], np.zeros((4, 2), np.float32))
+    np.testing.assert_array_equal(zs, [[1, 2, 3, 4], [0, 0, 0, 0], [1, 2, 0, 0]])
+    np.testing.assert_array_equal(ys[2, :2], ys_full[2, :2])
+
+
+def test_scan_opset8_refuses_a_sequence_length_past_the_end():
+    model, feeds = scan8([4, 5, 1])
+    with pytest.raises(ExecutionError, match="sequence_lens"):
         Session(model).run(None, feeds)

@@ -1,14 +1,16 @@
-"""Conv and ConvTranspose kernels against onnxruntime over a grid of attributes.
+"""Conv, ConvTranspose and DeformConv kernels against onnxruntime over a grid of attributes.
 
 onnxruntime runs these ops in float32 only, so float64 results are compared with its
 float32 results on the same (float32-representable) inputs. Where onnxruntime refuses a
 combination the spec allows (Conv with dilations and auto_pad=SAME_*), onnx's reference
-evaluator is the judge.
+evaluator is the judge. onnxruntime runs DeformConv in 2-D only; 1-D and 3-D DeformConv are
+checked against a plain per-element loop written here.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -135,7 +137,7 @@ def test_conv(nsp, groups, stride, dilation, mode):
 @pytest.mark.parametrize("nsp", [1, 2, 3])
 def test_conv_float64(nsp):
     sizes, kernel = SPATIAL[nsp]
-    attrs = dict(strides=[2] * nsp, pads=[1] * nsp + [0] * nsp, group=2)
+    attrs = {"strides": [2] * nsp, "pads": [1] * nsp + [0] * nsp, "group": 2}
     x, w = sample((2, 4, *sizes), np.float64), sample((4, 2, *kernel), np.float64, seed=1)
     (y,) = check("Conv", [x, w, sample((4,), np.float64, seed=2)], attrs)
     assert y.dtype == np.float64
@@ -235,7 +237,188 @@ def test_conv_transpose(nsp, groups, stride, dilation, mode):
 @pytest.mark.parametrize("nsp", [1, 2, 3])
 def test_conv_transpose_float64(nsp):
     sizes, kernel = CT_SPATIAL[nsp]
-    attrs = dict(strides=[2] * nsp, pads=[1] * nsp + [0] * nsp, output_padding=[1] * nsp)
+    attrs = {"strides": [2] * nsp, "pads": [1] * nsp + [0] * nsp, "output_padding": [1] * nsp}
     x, w = sample((2, 3, *sizes), np.float64), sample((3, 2, *kernel), np.float64, seed=1)
     (y,) = check("ConvTranspose", [x, w], attrs)
     assert y.dtype == np.float64
+
+
+# DeformConv: offsets of about ±1.5 pixels, so that some samples fall between pixels and
+# some outside the input; "edges" offsets are whole and half pixels, landing on pixel
+# centres, on cell borders and exactly on the input's last row and column.
+DEFORM = {
+    "plain": {"group": 1, "offset_group": 1, "c": 2, "m": 3},
+    "groups": {"group": 2, "offset_group": 2, "c": 4, "m": 6},
+    "offset_groups": {"group": 1, "offset_group": 2, "c": 4, "m": 2},
+    "mixed_groups": {"group": 2, "offset_group": 4, "c": 4, "m": 2},
+}
+DEFORM_GEOMETRY = {
+    "s1": {"strides": [1, 1], "dilations": [1, 1], "pads": [0, 0, 0, 0]},
+    "s2-pads": {"strides": [2, 1], "dilations": [1, 1], "pads": [1, 0, 2, 1]},
+    "dilated-pads": {"strides": [1, 2], "dilations": [2, 1], "pads": [1, 1, 1, 1]},
+}
+
+
+def deform_inputs(x, w, out, offset_group, scale=1.5, edges=False, dtype=np.float32, seed=5):
+    """X, W, offset, B and mask for DeformConv with output sizes `out`."""
+    rng = np.random.default_rng(seed)
+    nsp, taps = len(x) - 2, math.prod(w[2:])
+    shape = (x[0], offset_group * taps * nsp, *out)
+    if edges:
+        offset = rng.choice([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], shape)
+    else:
+        offset = rng.standard_normal(shape) * scale
+    mask = rng.uniform(0.0, 1.0, (x[0], offset_group * taps, *out))
+    return [
+        sample(x, dtype),
+        sample(w, dtype, seed=1),
+        offset.astype(np.float32).astype(dtype),
+        sample((w[0],), dtype, seed=2),
+        mask.astype(np.float32).astype(dtype),
+    ]
+
+
+def _out_sizes(sizes, kernel, strides, dilations, pads):
+    nsp = len(sizes)
+    return [
+        (sz + pads[i] + pads[i + nsp] - dilations[i] * (k - 1) - 1) // strides[i] + 1
+        for i, (sz, k) in enumerate(zip(sizes, kernel))
+    ]
+
+
+@pytest.mark.parametrize("optional", ["none", "bias", "bias_mask"])
+@pytest.mark.parametrize("geometry", DEFORM_GEOMETRY)
+@pytest.mark.parametrize("groups", DEFORM)
+def test_deform_conv(groups, geometry, optional):
+    g, attrs = DEFORM[groups], DEFORM_GEOMETRY[geometry]
+    kernel = [3, 2]
+    out = _out_sizes([6, 7], kernel, attrs["strides"], attrs["dilations"], attrs["pads"])
+    inputs = deform_inputs(
+        (2, g["c"], 6, 7), (g["m"], g["c"] // g["group"], *kernel), out, g["offset_group"]
+    )
+    inputs = inputs[: {"none": 3, "bias": 4, "bias_mask": 5}[optional]]
+    attrs = dict(attrs, group=g["group"], offset_group=g["offset_group"], kernel_shape=kernel)
+    check("DeformConv", inputs, attrs, opset=22)
+
+
+def test_deform_conv_mask_without_bias():
+    out = _out_sizes([5, 5], [2, 2], [1, 1], [1, 1], [0, 0, 0, 0])
+    x, w, offset, _, mask = deform_inputs((1, 2, 5, 5), (3, 2, 2, 2), out, 1)
+    model = one_node("DeformConv", [x, w, offset, mask], {}, opset=22)
+    model.graph.node[0].input[3:] = ["", "in3"]  # B absent, mask present
+    (y,) = Session(model).run(None, {"in0": x, "in1": w, "in2": offset, "in3": mask})
+    (want,) = reference("DeformConv", [x, w, offset, np.zeros(3, np.float32), mask], {}, opset=22)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_deform_conv_on_pixel_and_cell_edges(dtype):
+    attrs = {"pads": [1, 1, 1, 1], "offset_group": 2}
+    out = _out_sizes([4, 5], [2, 2], [1, 1], [1, 1], attrs["pads"])
+    x, w, offset, b, mask = deform_inputs((2, 2, 4, 5), (3, 2, 2, 2), out, 2, edges=True)
+    inputs = [a.astype(dtype) for a in (x, w, offset, b, mask)]
+    (y,) = check("DeformConv", inputs, attrs, opset=22)
+    assert y.dtype == dtype
+
+
+def deform_conv_loop(x, w, offset, b, mask, strides, dilations, pads, group, offset_group):
+    """DeformConv one output element, one input channel and one kernel tap at a time."""
+    n, c, *sizes = x.shape
+    m, cw, *kernel = w.shape
+    nsp = len(sizes)
+    out = offset.shape[2:]
+    taps = list(itertools.product(*(range(k) for k in kernel)))
+    offset = offset.reshape(n, offset_group, len(taps), nsp, *out)
+    mask = mask.reshape(n, offset_group, len(taps), *out)
+    y = np.zeros((n, m, *out))
+    for i, oc, o in itertools.product(range(n), range(m), itertools.product(*map(range, out))):
+        total = 0.0 if b is None else float(b[oc])
+        grp = oc // (m // group)
+        for ci in range(cw):
+            ch = grp * cw + ci
+            og = ch // (c // offset_group)
+            for t, tap in enumerate(taps):
+                at = [
+                    o[a] * strides[a]
+                    - pads[a]
+                    + tap[a] * dilations[a]
+                    + float(offset[(i, og, t, a, *o)])
+                    for a in range(nsp)
+                ]
+                value = 0.0
+                for corner in itertools.product((0, 1), repeat=nsp):
+                    where = [math.floor(p) + bit for p, bit in zip(at, corner)]
+                    if not all(0 <= q < s for q, s in zip(where, sizes)):
+                        continue
+                    weight = math.prod(1 - abs(p - q) for p, q in zip(at, where))
+                    value += weight * float(x[(i, ch, *where)])
+                total += float(w[(oc, ci, *tap)]) * float(mask[(i, og, t, *o)]) * value
+        y[(i, oc, *o)] = total
+    return y
+
+
+@pytest.mark.parametrize(
+    "sizes, kernel, strides, dilations, pads, group, offset_group",
+    [
+        ([9], [3], [2], [1], [1, 2], 1, 2),
+        ([8], [2], [1], [3], [0, 0], 2, 2),
+        ([4, 5, 4], [2, 3, 2], [1, 2, 1], [1, 1, 2], [1, 0, 1, 0, 1, 1], 2, 1),
+        ([3, 4, 4], [2, 2, 2], [2, 1, 1], [1, 1, 1], [0, 0, 0, 0, 0, 0], 1, 2),
+    ],
+    ids=["1d-offset_groups", "1d-dilated-groups", "3d-groups", "3d-offset_groups"],
+)
+def test_deform_conv_nd_against_loop(sizes, kernel, strides, dilations, pads, group, offset_group):
+    out = _out_sizes(sizes, kernel, strides, dilations, pads)
+    x, w, offset, b, mask = deform_inputs(
+        (2, 4, *sizes), (4, 4 // group, *kernel), out, offset_group, dtype=np.float64
+    )
+    attrs = {"strides": strides, "dilations": dilations, "pads": pads, "group": group}
+    attrs["offset_group"] = offset_group
+    model = one_node("DeformConv", [x, w, offset, b, mask], attrs, opset=22)
+    (y,) = Session(model).run(None, {f"in{i}": a for i, a in enumerate([x, w, offset, b, mask])})
+    want = deform_conv_loop(x, w, offset, b, mask, strides, dilations, pads, group, offset_group)
+    assert y.shape == want.shape and y.dtype == np.float64
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("nsp", [1, 2, 3])
+def test_deform_conv_with_zero_offsets_is_conv(nsp):
+    sizes, kernel = SPATIAL[nsp]
+    attrs = {
+        "strides": [2] * nsp,
+        "dilations": [1] * nsp,
+        "pads": [1] * nsp + [0] * nsp,
+        "group": 2,
+    }
+    out = _out_sizes(sizes, kernel, attrs["strides"], attrs["dilations"], attrs["pads"])
+    x, w, _, b, _ = deform_inputs((2, 4, *sizes), (6, 2, *kernel), out, 2)
+    offset = np.zeros((2, 2 * math.prod(kernel) * nsp, *out), np.float32)
+    model = one_node("DeformConv", [x, w, offset, b], dict(attrs, offset_group=2), opset=22)
+    (y,) = Session(model).run(None, {"in0": x, "in1": w, "in2": offset, "in3": b})
+    (want,) = reference("Conv", [x, w, b], attrs)
+    assert y.shape == want.shape and y.dtype == want.dtype
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "offset_channels, attrs, message",
+    [
+        (7, {}, "offset has shape"),
+        (8, {"group": 2}, "group=2"),
+        (8, {"offset_group": 3}, "offset_group=3"),
+    ],
+)
+def test_deform_conv_bad_shapes_are_execution_errors(offset_channels, attrs, message):
+    x, w = sample((1, 2, 3, 3)), sample((1, 2, 2, 2), seed=1)
+    offset = np.zeros((1, offset_channels, 2, 2), np.float32)
+    ins = [
+        helper.make_tensor_value_info(f"in{i}", onnx.TensorProto.FLOAT, a.shape)
+        for i, a in enumerate([x, w, offset])
+    ]
+    out = helper.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, ["n", "c", "h", "w"])
+    node = helper.make_node("DeformConv", ["in0", "in1", "in2"], ["y0"], name="node", **attrs)
+    model = helper.make_model(
+        helper.make_graph([node], "bad", ins, [out]), opset_imports=[helper.make_opsetid("", 22)]
+    )
+    with pytest.raises(ExecutionError, match=message):
+        Session(model).run(None, {"in0": x, "in1": w, "in2": offset})

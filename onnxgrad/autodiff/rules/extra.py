@@ -198,11 +198,25 @@ non_differentiable(
 def max_unpool(b, node, dys):
     """Y = zeros; Y.flat[I] = X  →  dX = dY.flat[I]; I and output_shape get none
 
-    Where I repeats a position, the forward keeps one of the writes; every X entry that
-    wrote there gets that position's dy (TODO: the kept write alone, if it matters).
+    I holds flat positions in the default output, (L − 1)·s + k − pads per spatial axis; a
+    larger output_shape only adds zeros at the end of each axis, so dY is first cut back to
+    the default shape. Where I repeats a position, the forward keeps one of the writes;
+    every X entry that wrote there gets that position's dy (TODO: the kept write alone, if
+    it matters).
     """
     dy = dys[0]
-    indices = node.input[1]
+    x, indices = node.input[0], node.input[1]
+    if len(node.input) > 2 and node.input[2]:
+        kernel = [int(k) for k in node.attrs["kernel_shape"]]
+        nsp = len(kernel)
+        strides = [int(s) for s in node.attrs.get("strides") or [1] * nsp]
+        pads = [int(p) for p in node.attrs.get("pads") or [0] * (2 * nsp)]
+        extra = [k - pads[i] - pads[i + nsp] for i, k in enumerate(kernel)]
+        default = b.Add(
+            b.Mul(b.Sub(b.Shape(x), b.ints([1])), b.ints([1, 1, *strides])),
+            b.ints([1, 1, *extra]),
+        )
+        dy = b.Slice(dy, b.ints([0] * (nsp + 2)), default)
     flat = b.Reshape(dy, b.ints([-1]))
     return [b.Gather(flat, indices, axis=0), None, None][: len(node.input)]
 

@@ -28,6 +28,7 @@ FAMILIES = (
     "activation",
     "linalg",
     "conv",
+    "deform",
     "pool",
     "norm",
     "shape",

@@ -225,9 +225,9 @@ def loop(node: KernelNode):
 @kernel("Scan")
 def scan(node: KernelNode):
     # states, scans = body(states, x₁[t] … xₘ[t]) for t along each scan axis, in each direction
-    if node.opset < 9:
-        raise NotImplementedError("Scan before opset 9 (batched, with sequence_lens)")
     body = compile_graph(node.attrs["body"], node, "body")
+    if node.opset < 9:
+        return _batched_scan(node, body)
     n_scan = int(node.attrs["num_scan_inputs"])
     n_state = len(node.inputs) - n_scan
     n_out = len(body.outputs) - n_state
@@ -266,5 +266,79 @@ def scan(node: KernelNode):
                 stack = stack[::-1]
             scans.append(np.stack(stack, axis=axis % (stack[0].ndim + 1)))
         return tuple(states) + tuple(scans)
+
+    return run
+
+
+def _batched_scan(node: KernelNode, body: Subgraph):
+    """Scan as opset 8 defines it: every input batched along axis 0, scanned along axis 1.
+
+    Each batch entry b runs its own recurrence from init[b] over its first
+    sequence_lens[b] steps (all of them without sequence_lens); scan outputs are padded
+    with zeros to the longest sequence, then stacked along the batch axis.
+    """
+    n_scan = int(node.attrs["num_scan_inputs"])
+    n_in = len(node.inputs)
+    n_state = n_in - 1 - n_scan
+    n_out = len(body.outputs) - n_state
+    if n_state < 0 or n_out < 0:
+        raise NotImplementedError(
+            f"{n_in - 1} state and scan inputs for num_scan_inputs={n_scan} and a body "
+            f"with {len(body.outputs)} outputs"
+        )
+    back = [bool(d) for d in node.attrs.get("directions", [0] * n_scan)]
+    names = node.outer
+
+    def run(lens, *values):
+        # 1. Shapes: one batch size and one maximum length for all scan inputs.
+        inits = values[:n_state]
+        xs = values[n_state : n_in - 1]
+        outer = dict(zip(names, values[n_in - 1 :]))
+        sizes = {x.shape[:2] for x in xs}
+        if len(sizes) != 1 or any(s.shape[:1] != xs[0].shape[:1] for s in inits):
+            raise ValueError(
+                f"the scan inputs (batch, length) {sorted(sizes)} and the states' batch sizes "
+                f"{[s.shape[:1] for s in inits]} disagree"
+            )
+        batch, length = sizes.pop()
+        if lens is None:
+            steps = [length] * batch
+        else:
+            steps = [int(v) for v in np.asarray(lens).reshape(-1)]
+            if len(steps) != batch or not all(0 <= v <= length for v in steps):
+                raise ValueError(
+                    f"sequence_lens {steps} must hold {batch} lengths in [0, {length}]"
+                )
+
+        # 2. One recurrence per batch entry, over its own length.
+        finals: list[list] = [[] for _ in range(n_state)]
+        seen: list[list] = [[] for _ in range(n_out)]
+        for b, count in enumerate(steps):
+            states = [s[b] for s in inits]
+            stacks: list[list] = [[] for _ in range(n_out)]
+            for t in range(count):
+                picks = [x[b, count - 1 - t if rev else t] for x, rev in zip(xs, back)]
+                outs = body.run(states + picks, outer)
+                states = outs[:n_state]
+                for stack, value in zip(stacks, outs[n_state:]):
+                    stack.append(value)
+            for final, value in zip(finals, states):
+                final.append(value)
+            for k, stack in enumerate(stacks):
+                seen[k].append(stack)
+
+        # 3. Stack along the batch axis, the scan outputs padded with zeros to `length`.
+        result = [np.stack(f) if batch else np.array(s) for f, s in zip(finals, inits)]
+        for k, per_batch in enumerate(seen):
+            first = next((st[0] for st in per_batch if st), None)
+            if first is None:  # no step ran anywhere: the body's declared type
+                empty = body.empty(n_state + k)
+                first = np.zeros(empty.shape[1:], empty.dtype)
+            out = np.zeros((batch, length) + first.shape, dtype=first.dtype)
+            for b, stack in enumerate(per_batch):
+                if stack:
+                    out[b, : len(stack)] = np.stack(stack)
+            result.append(out)
+        return tuple(result)
 
     return run

@@ -123,23 +123,41 @@ def eye_like(node: KernelNode):
 
 @kernel("MaxUnpool")
 def max_unpool(node: KernelNode):
+    """Y = zeros(default shape); Y.flat[I] = X; then zeros up to output_shape, if larger.
+
+    The default shape is the one kernel_shape, strides and pads give, and the indices are
+    flat positions in it. An output_shape larger along some axis adds zeros at the end of
+    that axis, as onnx's reference evaluator and its conformance case do (onnxruntime
+    reads the indices as flat positions in output_shape instead). A smaller one is
+    refused, as both of them refuse it.
+    """
     kernel_shape = list(node.attrs["kernel_shape"])
     n = len(kernel_shape)
     strides = list(node.attrs.get("strides") or [1] * n)
     pads = list(node.attrs.get("pads") or [0] * (2 * n))
 
     def run(x, indices, output_shape=None):
-        if output_shape is not None:
-            shape = [int(d) for d in output_shape]
-        else:
-            spatial = [
-                (x.shape[2 + k] - 1) * strides[k] + kernel_shape[k] - pads[k] - pads[n + k]
-                for k in range(n)
-            ]
-            shape = list(x.shape[:2]) + spatial
-        y = np.zeros(int(np.prod(shape)), dtype=x.dtype)
+        spatial = [
+            (x.shape[2 + k] - 1) * strides[k] + kernel_shape[k] - pads[k] - pads[n + k]
+            for k in range(n)
+        ]
+        default = list(x.shape[:2]) + spatial
+        y = np.zeros(math.prod(default), dtype=x.dtype)
         y[np.asarray(indices).reshape(-1)] = x.reshape(-1)
-        return (y.reshape(shape),)
+        y = y.reshape(default)
+        if output_shape is None:
+            return (y,)
+        shape = [int(d) for d in np.asarray(output_shape).reshape(-1)]
+        if len(shape) != x.ndim or any(s < d for s, d in zip(shape, default)):
+            raise ValueError(
+                f"output_shape {shape} must have {x.ndim} sizes, none below the default "
+                f"output shape {default} (kernel_shape, strides and pads give that one)"
+            )
+        if shape == default:
+            return (y,)
+        out = np.zeros(shape, dtype=x.dtype)
+        out[tuple(slice(0, d) for d in default)] = y
+        return (out,)
 
     return run
 

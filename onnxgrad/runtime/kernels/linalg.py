@@ -12,7 +12,15 @@ def matmul(node: KernelNode):
     """A · B with numpy's matmul rules (1-D promotion, broadcast batch dimensions)."""
     # np.matmul follows numpy's matmul rules, which ONNX's MatMul copies: 1-D operands are
     # promoted and the promoted axis removed again, batch dimensions broadcast.
-    return lambda a, b: (matmul_nd(a, b),)
+    def run(a, b):
+        y = matmul_nd(a, b)
+        # numpy multiplies ml_dtypes' bfloat16 (and the float8 types) in float32 and returns
+        # float32; ONNX keeps the input type.
+        if y.dtype != a.dtype and a.dtype == b.dtype:
+            y = y.astype(a.dtype)
+        return (y,)
+
+    return run
 
 
 def matmul_nd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
