@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from onnxgrad.errors import ExecutionError
 from onnxgrad.runtime.kernels import Kernel
@@ -125,6 +126,7 @@ class Plan:
         # 3. Fuse the pairs that one call computes faster (same sums, fewer passes).
         kernels = dict(kernels)
         live = _fuse_matmul_reduce_sum(live, kernels, known, set(outputs))
+        live = _share_max_pool(live, kernels, set(outputs))
 
         produced = set(known) | set(inputs) | {o for n in live for o in n.output}
         for name in self.outputs:
@@ -263,6 +265,57 @@ def _fuse_matmul_reduce_sum(
     if replaced:
         logger.debug("plan: fused %d MatMul+ReduceSum pair(s)", len(replaced) // 2)
     return [replaced.get(k, node) for k, node in enumerate(live) if replaced.get(k, node)]
+
+
+def _share_max_pool(
+    live: list[onnx.NodeProto], kernels: dict[str, Kernel], outputs: set[str]
+) -> list[onnx.NodeProto]:
+    """Compute a MaxPool once when a later one repeats it only for its Indices.
+
+    A MaxPool without the Indices output keeps no positions, so its gradient rule emits a
+    second MaxPool over the same input with the same attributes, for Indices alone. The
+    first node then takes the second's kernel (which yields both outputs) and its Indices
+    name; the second disappears. Plans without the second node (forward only) are left
+    as they are and pay nothing for indices.
+    """
+    readers: set[str] = {name for node in live for name in reads(node)}
+    first: dict[tuple, int] = {}
+    merged: dict[int, onnx.NodeProto | None] = {}
+    for k, node in enumerate(live):
+        if node.op_type != "MaxPool" or node.domain not in ("", "ai.onnx"):
+            continue
+        key = (tuple(node.input), _attribute_key(node))
+        j = first.get(key)
+        if j is None:
+            if len(node.output) < 2 or not node.output[1]:
+                first[key] = k
+            continue
+        y = node.output[0]
+        if len(node.output) < 2 or not node.output[1] or y in readers or y in outputs:
+            continue
+        shared = onnx.NodeProto()
+        shared.CopyFrom(live[j])
+        shared.name = f"{live[j].name}+{node.name}"
+        del shared.output[:]
+        shared.output.extend([live[j].output[0], node.output[1]])
+        kernels[shared.name] = kernels[node.name]
+        merged[j] = shared
+        merged[k] = None
+        del first[key]
+    if merged:
+        logger.debug("plan: %d MaxPool(s) computed once with Indices", len(merged) // 2)
+    return [merged.get(k, node) for k, node in enumerate(live) if merged.get(k, node)]
+
+
+def _attribute_key(node: onnx.NodeProto) -> tuple:
+    """A node's attributes as a comparable value, storage_order=0 counted as absent."""
+    items = []
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        if attr.name == "storage_order" and not value:
+            continue
+        items.append((attr.name, repr(value)))
+    return tuple(sorted(items))
 
 
 def _constant_axes(node: onnx.NodeProto, known: dict) -> tuple[int, ...] | None:

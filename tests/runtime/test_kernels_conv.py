@@ -154,8 +154,19 @@ def test_conv_float64(nsp):
             (3, 2, 4, 3),
             {"dilations": [2, 2], "strides": [2, 3], "pads": [1, 0, 1, 1]},
         ),
+        # Fewer output positions (N·out = 4) than output channels: the product runs
+        # transposed, W as BLAS's rows (the weight gradient of a conv with many channels).
+        ((1, 3, 8, 8), (6, 3, 7, 7), {}),
+        ((1, 4, 8, 8), (10, 2, 7, 7), {"group": 2, "pads": [1, 0, 0, 1], "strides": [2, 3]}),
     ],
-    ids=["1x1", "big_kernel_group2", "big_kernel_1d", "big_kernel_dilated"],
+    ids=[
+        "1x1",
+        "big_kernel_group2",
+        "big_kernel_1d",
+        "big_kernel_dilated",
+        "big_kernel_few_outputs",
+        "big_kernel_few_outputs_group2",
+    ],
 )
 def test_conv_layouts(x, w, attrs):
     (y,) = check("Conv", [sample(x), sample(w, seed=1)], attrs)

@@ -66,6 +66,15 @@ for _red in ("none", "add", "mul", "max", "min"):
             id=f"{_red}_rows_int",
         ),
     ]
+    # Flat (1-D) data and indices, the pooling gradients' scatter: its own kernel path.
+    CASES.append(
+        KCase(
+            "ScatterElements",
+            [_x(10), _i(3, -1, 3, -7) if _dup else _i(3, -1, 0, -8), _x(4) + 1],
+            attrs={"axis": -1 if _dup else 0, "reduction": _red},
+            id=f"{_red}_flat",
+        )
+    )
 CASES += [
     KCase("Scatter", [X, _i(1, 0, shape=(1, 2, 1)), _x(1, 2, 1)], attrs={"axis": 1}, opset=10),
     KCase("ArgMax", [X]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -272,3 +273,63 @@ def test_conv_transpose_canvas_col2im_matches_onnxruntime(monkeypatch, x_shape, 
         monkeypatch.setattr(conv_module, "COLUMNS_PER_CHUNK", chunk_entries)
         (y,) = kernel(x, w)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+
+
+def _two_max_pools(second: dict, y_read: bool = False) -> onnx.ModelProto:
+    """Relu → MaxPool (Y only), and a second MaxPool of the same Relu for its Indices, as
+    the MaxPool gradient rule emits it; `second` overrides the second's attributes."""
+    first = {"kernel_shape": [2, 2], "strides": [2, 2]}
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["r"], ["y"], name="fwd", **first),
+        helper.make_node("MaxPool", ["r"], ["y2", "i"], name="bwd", **{**first, **second}),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("y", F32, _dims("y", 4)),
+        helper.make_tensor_value_info("i", TensorProto.INT64, _dims("i", 4)),
+    ]
+    if y_read:
+        nodes.append(helper.make_node("Neg", ["y2"], ["n2"], name="neg"))
+        outputs.append(helper.make_tensor_value_info("n2", F32, _dims("n2", 4)))
+    graph = helper.make_graph(
+        nodes, "pools", [helper.make_tensor_value_info("x", F32, _dims("x", 4))], outputs
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    "second, y_read, shared",
+    [
+        ({}, False, True),
+        ({"storage_order": 0}, False, True),  # the default, spelled out
+        ({"storage_order": 1}, False, False),  # other indices
+        ({"strides": [1, 1]}, False, False),  # other windows
+        ({}, True, False),  # the second's Y is read: both stay
+    ],
+    ids=["same", "storage_order_0", "storage_order_1", "other_strides", "y_read"],
+)
+def test_max_pool_recomputed_for_indices_runs_once(second, y_read, shared):
+    model = _two_max_pools(second, y_read)
+    x = _data((2, 3, 6, 6))
+    x[0, 0, :2, :2] = 0.0  # a window of ties (ReLU zeros): the first one wins
+    session = onnxgrad.Session(model)
+    ours = session.run(None, {"x": x})
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    for a, b in zip(ours, want):
+        np.testing.assert_array_equal(a, b)
+    plan = next(iter(session._impl._plans.values()))
+    pools = [s.node for s in plan.steps if s.node.op_type == "MaxPool"]
+    assert len(pools) == (1 if shared else 2)
+    if shared:
+        assert list(pools[0].output) == ["y", "i"]
+
+
+def test_max_pool_alone_computes_no_indices():
+    model = _two_max_pools({})
+    session = onnxgrad.Session(model)
+    x = _data((1, 2, 4, 4))
+    (y,) = session.run(["y"], {"x": x})
+    plan = next(iter(session._impl._plans.values()))
+    (pool,) = [s.node for s in plan.steps if s.node.op_type == "MaxPool"]
+    assert list(pool.output) == ["y"]
+    np.testing.assert_array_equal(y, x.reshape(1, 2, 2, 2, 2, 2).max(axis=(3, 5)).clip(0))

@@ -218,11 +218,19 @@ def conv(node: KernelNode):
             y = np.matmul(wg, cols.reshape(group, cg * math.prod(win.kernel), -1))
             y = y.reshape((group, m // group, n) + win.out).transpose((2, 0, 1) + space)
         else:
-            # 2. One matrix product per group: (N·out, Cg·k) @ (Cg·k, M/g).
+            # 2. One matrix product per group over columns laid out (N·out, Cg·k), the
+            #    longer of its two sides as BLAS's rows, which runs a short one (a 3×3
+            #    kernel's 9 rows) much slower: (N·out, Cg·k) @ (Cg·k, M/g), or its
+            #    transpose (M/g, Cg·k) @ (Cg·k, N·out).
             cols = np.ascontiguousarray(view.transpose((1, 0) + space + (2,) + taps))
-            y = np.matmul(cols.reshape(group, n * math.prod(win.out), -1), wg.transpose(0, 2, 1))
-            y = y.reshape((group, n) + win.out + (m // group,))
-            y = y.transpose((1, 0, 2 + nsp) + tuple(range(2, 2 + nsp)))
+            cols = cols.reshape(group, n * math.prod(win.out), -1)
+            if n * math.prod(win.out) >= m // group:
+                y = np.matmul(cols, wg.transpose(0, 2, 1))
+                y = y.reshape((group, n) + win.out + (m // group,))
+                y = y.transpose((1, 0, 2 + nsp) + tuple(range(2, 2 + nsp)))
+            else:
+                y = np.matmul(wg, cols.transpose(0, 2, 1))
+                y = y.reshape((group, m // group, n) + win.out).transpose((2, 0, 1) + space)
 
         # 3. Back to (N, M, *out).
         y = np.ascontiguousarray(y).reshape((n, m) + win.out)

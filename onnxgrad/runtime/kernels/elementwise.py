@@ -12,7 +12,6 @@ from onnxgrad.runtime.kernels import KernelNode, kernel
 from onnxgrad.runtime.kernels.activation import erf
 
 
-
 def _unary(fn):
     def factory(node: KernelNode):
         return lambda x: (fn(x),)

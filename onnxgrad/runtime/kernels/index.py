@@ -98,6 +98,12 @@ def scatter_elements(node: KernelNode):
     reduction = _reduction(node)
 
     def run(x, indices, updates):
+        if x.ndim == 1 and indices.ndim == 1:
+            # The flat case (pooling gradients scatter into a flattened tensor): the indices
+            # are the whole fancy index, and numpy counts negative ones from the end as
+            # ONNX does, so they need no pass of their own.
+            flat = np.asarray(indices, dtype=np.int64)
+            return (_scatter(x.copy(), flat, updates, reduction),)
         return (_scatter(x.copy(), _element_index(x, indices, axis), updates, reduction),)
 
     return run

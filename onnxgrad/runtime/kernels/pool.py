@@ -82,19 +82,26 @@ def max_pool(node: KernelNode):
         # narrowest integer type that holds every tap number.
         taps_total = math.prod(win.kernel)
         small = np.int8 if taps_total <= 127 else np.int32
-        y, arg = None, None
+        y, arg, better, step = None, None, None, None
         for flat, (_, taps) in enumerate(kernel_offsets(win)):
             part = xp[(Ellipsis, *taps)]
             if y is None:
                 y = part.copy()
                 arg = np.zeros(y.shape, small)
+                better = np.empty(y.shape, bool)
+                step = np.empty(y.shape, small)
                 continue
-            better = part > y
+            np.greater(part, y, out=better)
             np.maximum(y, part, out=y)
-            step = np.subtract(small(flat), arg)
+            np.subtract(small(flat), arg, out=step)
             step *= better
             arg += step
-        return (y, origins(x.shape, win) + tap_offsets(x.shape, win)[arg])
+
+        # The flat index: each tap's offset (a take from a table of one entry per tap,
+        # faster than fancy indexing with the narrow type) plus the window's origin.
+        indices = np.take(tap_offsets(x.shape, win), arg)
+        indices += origins(x.shape, win)
+        return (y, indices)
 
     cache: dict = {}
 
