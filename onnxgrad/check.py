@@ -13,9 +13,10 @@ Three questions are answered before anyone trains:
    central differences along random directions.
 
 3. **Repairs.** Semantics-preserving fixes for traps exporters set: optional outputs a rule
-   needs (a training-mode Dropout without its mask), weights held in Constant nodes
-   (which are then not trainable), and training-mode ops in inference graphs. Each repair
-   is a function `model -> (new model, descriptions)`; an empty list means nothing to do.
+   needs (a training-mode Dropout without its mask), weights held in Constant or
+   ConstantOfShape nodes (which are then not trainable), and training-mode ops in inference
+   graphs. Each repair is a function `model -> (new model, descriptions)`; an empty list
+   means nothing to do.
 
 Nothing here prints; `render` turns a report into the text the CLI shows.
 """
@@ -84,7 +85,7 @@ _RANDOM_OPS = frozenset(
     }
 )
 
-# Where a Constant holds a weight: (op type, input positions that hold weights).
+# Where a Constant or ConstantOfShape holds a weight: (op type, input positions that hold weights).
 _WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "MatMul": (0, 1),
     "Gemm": (0, 1, 2),
@@ -103,6 +104,10 @@ _WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "GRU": (1, 2, 3),
     "LSTM": (1, 2, 3, 7),
 }
+
+# Ops that only rearrange their data input (input 0): a weight read through them is still a
+# weight (caffe2 exports Unsqueeze a normalization's scale before multiplying by it).
+_VIEW_OPS = frozenset({"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose"})
 
 # Inputs the spec types as float32 only: the float64 copy leaves what feeds them alone.
 _FLOAT32_INPUTS = (("Resize", 2), ("Upsample", 1))
@@ -690,6 +695,58 @@ def with_loss(
     return out, LOSS_NAME
 
 
+def only_for(
+    model: onnx.ModelProto, outputs: Sequence[str]
+) -> tuple[onnx.ModelProto, list[onnx.NodeProto]]:
+    """A copy that computes only `outputs`: the nodes they need, and the inputs those read.
+
+    Args:
+        model: a loaded model (not modified).
+        outputs: names of graph outputs.
+
+    Returns:
+        (the copy, the nodes left out, in graph order).
+    """
+    wanted = set(outputs)
+    needed = set()
+    for k in range(len(model.graph.node) - 1, -1, -1):
+        node = model.graph.node[k]
+        if any(o in wanted for o in node.output):
+            needed.add(k)
+            wanted.update(i for i in node.input if i)
+            wanted.update(outer_names(node))
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    dropped = [n for k, n in enumerate(model.graph.node) if k not in needed]
+    if not dropped and len(graph.output) == len(outputs):
+        return out, []
+    keep = [n for k, n in enumerate(graph.node) if k in needed]
+    del graph.node[:]
+    graph.node.extend(keep)
+    kept_outputs = [o for o in graph.output if o.name in set(outputs)]
+    del graph.output[:]
+    graph.output.extend(kept_outputs)
+    inits = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name in wanted or i.name in inits]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return out, dropped
+
+
+def _off_path_notes(dropped: Sequence[onnx.NodeProto], loss: Sequence[str]) -> list[str]:
+    """A note on the nodes the loss does not need that the numpy executor cannot run."""
+    missing = [n for n in dropped if kernel_registry.lookup(n.op_type, n.domain) is None]
+    if not missing:
+        return []
+    ops = ", ".join(f"{_op_text(n)} node '{n.name}'" for n in missing)
+    note = (
+        f"{len(missing)} node(s) that the loss ({', '.join(loss)}) does not need have no numpy "
+        f"kernel: {ops}; they are left out of the check (the onnxruntime backend runs them)"
+    )
+    return [note]
+
+
 # The whole check.
 
 
@@ -745,10 +802,14 @@ def check(
     if fix:
         report.repaired = target
 
-    # 2. What to differentiate, with respect to what.
+    # 2. What to differentiate, with respect to what. Only what computes the loss is
+    #    checked: nodes that make other outputs (a classifier's label, a ZipMap) stay out
+    #    of the way, and are only noted when the numpy executor cannot run them.
     model = load(target)
     report.loaded_opset = opset_of(model)
     report.loss = _loss_outputs(model, loss)
+    model, dropped = only_for(model, report.loss)
+    report.notes.extend(_off_path_notes(dropped, report.loss))
     report.parameters = _parameters(model, wrt)
     sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
     report.elements = sum(sizes.get(p, 0) for p in report.parameters)
@@ -760,7 +821,8 @@ def check(
         return report
 
     # 3. Pre-flight.
-    report.nodes, problems, report.notes = preflight(model, report.loss, report.parameters)
+    report.nodes, problems, notes = preflight(model, report.loss, report.parameters)
+    report.notes.extend(notes)
     report.problems.extend(problems)
     if report.problems:
         report.skipped = "fix the problems above first"
@@ -786,16 +848,54 @@ def _loss_outputs(model: onnx.ModelProto, loss: Sequence[str] | None) -> list[st
     floats = [
         o.name
         for o in model.graph.output
-        if o.name in chosen and o.type.tensor_type.elem_type in FLOAT_TYPES
+        if o.name in chosen
+        and o.type.HasField("tensor_type")
+        and o.type.tensor_type.elem_type in FLOAT_TYPES
     ]
     if loss and len(floats) != len(chosen):
         bad = [n for n in chosen if n not in floats]
-        raise GradientError(f"loss output(s) {', '.join(bad)} are not floating point")
+        raise GradientError(
+            f"loss output(s) are not floating-point tensors: {_describe_outputs(model, bad)}"
+        )
     if not floats:
         raise GradientError(
-            "the model has no floating-point output to differentiate; name one with --loss"
+            "the model has no floating-point tensor output to differentiate: "
+            f"{_describe_outputs(model, outputs)}; name one with --loss, or make the float "
+            "tensor such a node reads an output of the model"
         )
     return floats
+
+
+def _describe_outputs(model: onnx.ModelProto, names: Sequence[str]) -> str:
+    """Each output's type and the node that makes it: 'p' is a sequence made by ZipMap ..."""
+    types = {o.name: o.type for o in model.graph.output}
+    makers = {o: n for n in model.graph.node for o in n.output}
+    parts = []
+    for name in names:
+        text = f"'{name}' is {_type_name(types[name])}"
+        node = makers.get(name)
+        if node is not None:
+            text += f" (made by {_op_text(node)} node '{node.name}'"
+            reads = [i for i in node.input if i]
+            text += f" from '{reads[0]}')" if reads else ")"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def _type_name(tp: onnx.TypeProto) -> str:
+    """A type as the spec writes it: tensor(float), seq(map(int64,tensor(float)))."""
+    kind = tp.WhichOneof("value")
+    if kind == "tensor_type":
+        elem = tp.tensor_type.elem_type
+        return f"tensor({helper.tensor_dtype_to_np_dtype(elem).name if elem else '?'})"
+    if kind == "sequence_type":
+        return f"seq({_type_name(tp.sequence_type.elem_type)})"
+    if kind == "map_type":
+        key = helper.tensor_dtype_to_np_dtype(tp.map_type.key_type).name
+        return f"map({key},{_type_name(tp.map_type.value_type)})"
+    if kind == "optional_type":
+        return f"optional({_type_name(tp.optional_type.elem_type)})"
+    return kind or "of unknown type"
 
 
 def _parameters(model: onnx.ModelProto, wrt: Sequence[str] | None) -> list[str]:
@@ -970,61 +1070,199 @@ def name_needed_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     return out, changes
 
 
-def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """Turn weights held in Constant nodes into initializers, so they become trainable.
+@dataclass(frozen=True)
+class ConstantWeight:
+    """A weight held in a Constant or ConstantOfShape node instead of an initializer.
+
+    Such a weight computes like any other but is not trainable: only initializers are
+    parameters. `constants_to_initializers` turns it into one.
+
+    Attributes:
+        name: the node's output, the name the initializer takes.
+        node: the node's name.
+        op_type: "Constant" or "ConstantOfShape".
+        shape: the weight's shape.
+        dtype: its ONNX element type.
+        reader: the op type and name of a node that reads it at a weight position
+            (directly, or through Reshape, Unsqueeze and other view ops).
+    """
+
+    name: str
+    node: str
+    op_type: str
+    shape: tuple[int, ...]
+    dtype: int
+    reader: tuple[str, str]
+
+    @property
+    def elements(self) -> int:
+        """How many values it holds."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def constant_weights(model: onnx.ModelProto) -> list[ConstantWeight]:
+    """The weights of a model's main graph that Constant or ConstantOfShape nodes hold.
 
     A Constant qualifies when it holds a finite floating-point tensor of rank 1 or more and
-    at least two elements, and some node reads it at a weight position (MatMul, Gemm, Conv,
-    Add, Mul, normalization scales and biases, recurrent weights). The initializer keeps
-    the Constant's output name, so every reader is unchanged.
+    at least two elements; a ConstantOfShape when its shape is a constant (an initializer or
+    a Constant) of that size and its fill value is a finite float. Either must be read at a
+    weight position (MatMul, Gemm, Conv, Add, Mul, normalization scales and biases,
+    recurrent weights), directly or through view ops (Reshape, Unsqueeze, ...) that only
+    rearrange it. Nothing is computed: a ConstantOfShape's values are not materialized.
+
+    Args:
+        model: a ModelProto, at any opset.
+
+    Returns:
+        One entry per qualifying node, in graph order (unnamed nodes named as `load`
+        names them).
+    """
+    return [weight for weight, _ in _constant_weight_nodes(_copy_named(model))]
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Turn weights held in Constant or ConstantOfShape nodes into trainable initializers.
+
+    Which nodes qualify is `constant_weights`'s rule. The initializer keeps the node's
+    output name, so every reader is unchanged; a ConstantOfShape becomes a tensor of its
+    shape filled with its value, and its shape tensor goes when nothing else reads it. In
+    IR < 4 models, where every initializer is also a graph input, the new ones are listed
+    as inputs too.
 
     Args:
         model: a ModelProto (not modified).
 
     Returns:
-        (the repaired model, one description per Constant converted).
+        (the repaired model, one description per node converted).
     """
     out = _copy_named(model)
     graph = out.graph
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, k))
-    changes, keep = [], []
-    for node in graph.node:
-        tensor = _constant_tensor(node)
-        weight_reader = None
-        if tensor is not None:
-            value = numpy_helper.to_array(tensor)
-            if value.ndim >= 1 and value.size >= 2 and np.all(np.isfinite(value)):
-                weight_reader = next(
-                    (
-                        n
-                        for n, k in readers.get(node.output[0], [])
-                        if k in _WEIGHT_INPUTS.get(n.op_type, ())
-                    ),
-                    None,
-                )
-        if weight_reader is None:
-            keep.append(node)
-            continue
-        init = onnx.TensorProto()
-        init.CopyFrom(tensor)
-        init.name = node.output[0]
+    found = _constant_weight_nodes(out)
+    if not found:
+        return out, []
+    changes, converted, shapes = [], set(), set()
+    for weight, node in found:
+        if weight.op_type == "Constant":
+            init = onnx.TensorProto()
+            init.CopyFrom(_constant_tensor(node))
+            init.name = weight.name
+        else:
+            fill = _fill_value(node)
+            init = numpy_helper.from_array(np.full(weight.shape, fill, fill.dtype), weight.name)
+            shapes.add(node.input[0])
         graph.initializer.append(init)
         if out.ir_version < 4:
             graph.input.append(
                 helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
             )
+        converted.add(node.name)
+        reader_op, reader = weight.reader
         changes.append(
-            f"Constant node '{node.name}' holds a {list(init.dims)} weight read by "
-            f"{weight_reader.op_type} node '{weight_reader.name}': now initializer "
-            f"'{init.name}', a trainable parameter"
+            f"{weight.op_type} node '{weight.node}' holds a {list(weight.shape)} weight read by "
+            f"{reader_op} node '{reader}': now initializer '{weight.name}', a trainable "
+            "parameter"
         )
-    if changes:
-        del graph.node[:]
-        graph.node.extend(keep)
+    keep = [n for n in graph.node if n.name not in converted]
+    del graph.node[:]
+    graph.node.extend(keep)
+    _drop_unused(graph, shapes)
     return out, changes
+
+
+def _constant_weight_nodes(
+    model: onnx.ModelProto,
+) -> list[tuple[ConstantWeight, onnx.NodeProto]]:
+    """`constant_weights`, each with its node."""
+    graph = model.graph
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, k))
+    shapes = _constant_shapes(model)
+    found = []
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        if node.op_type == "Constant":
+            tensor = _constant_tensor(node)
+            if tensor is None:
+                continue
+            shape, dtype = tuple(tensor.dims), tensor.data_type
+            finite = bool(np.all(np.isfinite(numpy_helper.to_array(tensor))))
+        elif node.op_type == "ConstantOfShape":
+            shape = shapes.get(node.input[0]) if node.input else None
+            fill = _fill_value(node)
+            if shape is None or fill is None:
+                continue
+            dtype = helper.np_dtype_to_tensor_dtype(fill.dtype)
+            finite = bool(np.isfinite(fill))
+        else:
+            continue
+        if len(shape) == 0 or int(np.prod(shape, dtype=np.int64)) < 2 or not finite:
+            continue
+        reader = _weight_reader(node.output[0], readers)
+        if reader is not None:
+            weight = ConstantWeight(
+                node.output[0], node.name, node.op_type, shape, dtype, (reader.op_type, reader.name)
+            )
+            found.append((weight, node))
+    return found
+
+
+def _constant_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Integer vectors that cannot change at run time: candidate ConstantOfShape shapes.
+
+    An initializer counts unless it is also a graph input (which a feed may override) in
+    an IR >= 4 model; before IR 4 every initializer was listed as an input.
+    """
+    graph = model.graph
+    inputs = {i.name for i in graph.input} if model.ir_version >= 4 else set()
+    tensors = [t for t in graph.initializer if t.name not in inputs]
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value":
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(attr.t)
+                    tensor.name = node.output[0]
+                    tensors.append(tensor)
+                elif attr.name == "value_ints":
+                    tensors.append(numpy_helper.from_array(np.array(attr.ints), node.output[0]))
+    shapes = {}
+    for t in tensors:
+        if t.data_type != onnx.TensorProto.INT64 or len(t.dims) != 1:
+            continue
+        value = numpy_helper.to_array(t)
+        if np.all(value >= 0):
+            shapes[t.name] = tuple(int(v) for v in value)
+    return shapes
+
+
+def _fill_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """A ConstantOfShape's fill value as a numpy scalar when it is a float, else None."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            if attr.t.data_type not in FLOAT_TYPES:
+                return None
+            return numpy_helper.to_array(attr.t).reshape(-1)[0]
+    # The spec's default: float32 zeros.
+    return np.float32(0.0)
+
+
+def _weight_reader(
+    name: str, readers: dict[str, list[tuple[onnx.NodeProto, int]]]
+) -> onnx.NodeProto | None:
+    """A node that reads `name` at a weight position, directly or through view ops."""
+    pending, seen = [name], {name}
+    while pending:
+        current = pending.pop(0)
+        for node, k in readers.get(current, []):
+            if k in _WEIGHT_INPUTS.get(node.op_type, ()):
+                return node
+            if node.op_type in _VIEW_OPS and k == 0 and node.output and node.output[0] not in seen:
+                seen.add(node.output[0])
+                pending.append(node.output[0])
+    return None
 
 
 def to_inference_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -1242,6 +1480,11 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def _op_text(node: onnx.NodeProto) -> str:
+    """The op type, prefixed by its domain outside ai.onnx."""
+    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
 
 
 def _where(node: onnx.NodeProto, opset: int) -> dict:

@@ -352,8 +352,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "info",
         parents=[common],
         help="show inputs, outputs, parameters, ops, missing rules",
-        description="Describe MODEL: inputs, outputs, trainable parameters, op types, and the "
-        "ops on the path to the outputs that lack a gradient rule.",
+        description="Describe MODEL: inputs, outputs, trainable parameters, weights held in "
+        "Constant or ConstantOfShape nodes (which `check --fix` makes trainable), op types, "
+        "and the ops on the path to the outputs that lack a gradient rule.",
     )
     p.add_argument("model", metavar="MODEL", help="the .onnx model")
     p.set_defaults(run=_cmd_info)
@@ -989,6 +990,7 @@ def _cmd_ops(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from onnxgrad.check import constant_weights
     from onnxgrad.importer import graph_inputs, load, opset_of, read, trainable_parameters
 
     original = read(args.model)
@@ -1017,15 +1019,31 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"trainable parameters: {len(params)} tensor(s), {total:,} element(s)")
     width = max((len(p) for p in params), default=0)
     for p in params:
-        print(f"  {p:<{width}}  {str(dims[p]):<16}  {counts[p]:>10,}")
+        print(f"  {p:<{width}}  {dims[p]!s:<16}  {counts[p]:>10,}")
 
-    # 3. Op types.
+    # 3. Weights that nodes hold: they compute, but only initializers are trainable.
+    held = constant_weights(original)
+    if held:
+        total = sum(w.elements for w in held)
+        print(
+            f"weights held in Constant/ConstantOfShape nodes (not trainable): {len(held)} "
+            f"tensor(s), {total:,} element(s)"
+        )
+        print(f"  `onnxgrad check {args.model} --fix -o FIXED.onnx` makes them parameters")
+        width = max(len(w.name) for w in held)
+        for w in held:
+            shape = str(list(w.shape))
+            print(f"  {w.name:<{width}}  {shape:<16}  {w.elements:>10,}  {w.op_type} '{w.node}'")
+    else:
+        print("weights held in Constant/ConstantOfShape nodes: none")
+
+    # 4. Op types.
     ops = Counter(_op_name(n) for n in graph.node)
     print(f"ops: {len(graph.node)} node(s), {len(ops)} type(s)")
     for op, count in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {op:<24} {count:>5}")
 
-    # 4. Nodes on the way from parameters and float inputs to the outputs with no rule.
+    # 5. Nodes on the way from parameters and float inputs to the outputs with no rule.
     missing = _missing_rules(model, params)
     if missing:
         print(f"missing gradient rules: {len(missing)} node(s) on the path to the outputs")

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx.inliner
 import onnx.version_converter
@@ -26,6 +27,16 @@ logger = logging.getLogger(__name__)
 
 CANONICAL_OPSET = 18
 """Models below this default-domain opset are converted up to it; newer ones stay as they are."""
+
+# ai.onnx.ml ops whose output has their input's shape, and the output's element type (None:
+# the input's). onnx infers neither for some of them, which leaves every shape after a
+# leading Scaler (scikit-learn pipelines) unknown.
+_ML_SAME_SHAPE: dict[str, int | None] = {
+    "Binarizer": None,
+    "Imputer": None,
+    "Normalizer": onnx.TensorProto.FLOAT,
+    "Scaler": onnx.TensorProto.FLOAT,
+}
 
 FLOAT_TYPES = frozenset(
     {
@@ -90,12 +101,16 @@ def load(
     if model.functions:
         try:
             model = onnx.inliner.inline_local_functions(model)
-        except Exception as err:  # onnx raises bare RuntimeErrors from C++ here
+        except Exception as err:  # noqa: BLE001 - onnx raises bare RuntimeErrors from C++ here
             raise ModelLoadError(f"cannot inline the local functions of {_describe(source)}: {err}")
 
-    # 3. One canonical opset, where the converter can.
+    # 3. One canonical opset, where the converter can. What opset 6 meant by a PRelu
+    #    slope is made explicit first: the converter keeps it as written. A model that
+    #    imports no default-domain opset (ai.onnx.ml ops only) has nothing to convert.
     opset = opset_of(model)
-    if convert and opset < CANONICAL_OPSET:
+    if 0 < opset < 7:
+        _unsqueeze_legacy_prelu_slopes(model)
+    if convert and 0 < opset < CANONICAL_OPSET:
         model = _convert(model, opset, source)
 
     # 4. Names for every node, for error messages and gradient naming.
@@ -105,7 +120,9 @@ def load(
     if infer_shapes:
         try:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception as err:
+            if _shape_ml_outputs(model):
+                model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as err:  # noqa: BLE001 - inference is best effort; a warning says so
             logger.warning(
                 "shape inference failed on %s (%s); continuing without it", _describe(source), err
             )
@@ -285,13 +302,84 @@ def _load_external(model: onnx.ModelProto, base: Path) -> None:
         del tensor.external_data[:]
 
 
+def _unsqueeze_legacy_prelu_slopes(model: onnx.ModelProto) -> None:
+    """Make opset-6 PRelu slopes broadcast the way that opset meant them.
+
+    Before opset 7, a 1-D slope of C values applied along axis 1 (the channels); from opset
+    7 on, slopes broadcast numpy-style, from the last axis. The version converter keeps the
+    slope as written, so a [C] slope of an [N, C, H, W] input (the old PyTorch exporter's
+    PReLU(num_parameters=C)) would no longer broadcast. An Unsqueeze to [C, 1, 1] before
+    each such PRelu keeps the meaning, and the slope itself keeps its shape (the trained
+    weights still fit the original file).
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - without ranks no slope can be placed; left as written
+        return
+    ranks = {
+        vi.name: len(vi.type.tensor_type.shape.dim)
+        for vi in list(inferred.graph.input) + list(inferred.graph.value_info)
+        if vi.type.tensor_type.HasField("shape")
+    }
+    ranks.update({t.name: len(t.dims) for t in model.graph.initializer})
+    single = {t.name for t in model.graph.initializer if int(np.prod(t.dims)) == 1}
+    taken = {o for n in model.graph.node for o in n.output} | set(ranks)
+    nodes = []
+    for k, node in enumerate(model.graph.node):
+        if node.op_type != "PRelu" or len(node.input) < 2 or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        rank, slope = ranks.get(node.input[0], 0), node.input[1]
+        if rank > 2 and ranks.get(slope) == 1 and slope not in single:
+            name = f"{node.name or f'PRelu_{k}'}/slope"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            axes = list(range(1, rank - 1))
+            nodes.append(helper.make_node("Unsqueeze", [slope], [name], name, axes=axes))
+            node.input[1] = name
+            logger.debug(
+                "PRelu node '%s': slope '%s' unsqueezed on axes %s", node.name, slope, axes
+            )
+        nodes.append(node)
+    if len(nodes) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+
+
+def _shape_ml_outputs(model: onnx.ModelProto) -> bool:
+    """Type and shape shape-preserving ai.onnx.ml outputs from their input; True if any changed."""
+    graph = model.graph
+    infos = {vi.name: vi for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    changed = False
+    for node in graph.node:
+        if node.domain != "ai.onnx.ml" or node.op_type not in _ML_SAME_SHAPE or not node.input:
+            continue
+        source = infos.get(node.input[0])
+        if source is None or not source.type.tensor_type.HasField("shape"):
+            continue
+        target = infos.get(node.output[0])
+        if target is None:
+            target = graph.value_info.add()
+            target.name = node.output[0]
+            infos[target.name] = target
+        tt = target.type.tensor_type
+        if not tt.elem_type:
+            tt.elem_type = _ML_SAME_SHAPE[node.op_type] or source.type.tensor_type.elem_type
+            changed = True
+        if not tt.HasField("shape"):
+            tt.shape.CopyFrom(source.type.tensor_type.shape)
+            changed = True
+    return changed
+
+
 def _convert(model: onnx.ModelProto, opset: int, source: Source) -> onnx.ModelProto:
     try:
         converted = onnx.version_converter.convert_version(model, CANONICAL_OPSET)
         # The converter can write invalid models (float32 constants beside float64 inputs);
         # only a full check with type inference catches that.
         onnx.checker.check_model(converted, full_check=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any converter failure leaves the model as written
         logger.warning(
             "%s stays at opset %d: the version converter cannot bring it to %d (%s)",
             _describe(source),

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxgrad import check
 from onnxgrad.autodiff import rules
 from onnxgrad.cli import main
+from onnxgrad.errors import GradientError
 from onnxgrad.importer import trainable_parameters
 from onnxgrad.runtime.session import Session
 
@@ -346,6 +347,171 @@ def test_repair_turns_constant_weights_into_parameters(tmp_path, capsys):
     assert "repairs applied: 2" in text and f"wrote {out}" in text
     assert set(result_lines(text)) == {"W2", "W", "B"}
     assert trainable_parameters(onnx.load(out)) == ["W2", "W", "B"]
+
+
+def constant_of_shape_model(ir_version: int = 8, opset: int = 18) -> onnx.ModelProto:
+    """y = Conv(x, W, b) · s, the caffe2 way: W, b and s are ConstantOfShape fills.
+
+    W's shape is an initializer, b's a Constant node; s is Unsqueezed before the Mul
+    reads it. The fill of `zero` is an int (not a weight), and `scratch` is read by
+    nothing that holds a weight: both stay nodes.
+    """
+    nodes = [
+        helper.make_node(
+            "ConstantOfShape",
+            ["W_shape"],
+            ["W"],
+            name="fill_w",
+            value=numpy_helper.from_array(np.array([0.5], np.float32)),
+        ),
+        helper.make_node(
+            "Constant",
+            [],
+            ["b_shape"],
+            name="b_shape",
+            value=numpy_helper.from_array(np.array([2], np.int64)),
+        ),
+        helper.make_node("ConstantOfShape", ["b_shape"], ["b"], name="fill_b"),
+        helper.make_node(
+            "ConstantOfShape",
+            ["s_shape"],
+            ["s"],
+            name="fill_s",
+            value=numpy_helper.from_array(np.array([1.5], np.float32)),
+        ),
+        helper.make_node("Unsqueeze", ["s", "axes"], ["s4"], name="unsq")
+        if opset >= 13
+        else helper.make_node("Unsqueeze", ["s"], ["s4"], name="unsq", axes=[0, 2, 3]),
+        helper.make_node(
+            "ConstantOfShape",
+            ["s_shape"],
+            ["zero"],
+            name="fill_int",
+            value=numpy_helper.from_array(np.array([0], np.int64)),
+        ),
+        helper.make_node("ConstantOfShape", ["s_shape"], ["scratch"], name="fill_scratch"),
+        helper.make_node("Conv", ["x", "W", "b"], ["c"], name="conv"),
+        helper.make_node("Mul", ["c", "s4"], ["y"], name="mul"),
+        helper.make_node("Shape", ["scratch"], ["n"], name="shape"),
+    ]
+    inits = [
+        ("W_shape", np.array([2, 1, 3, 3], np.int64)),
+        ("s_shape", np.array([2], np.int64)),
+        ("axes", np.array([0, 2, 3], np.int64)),
+    ]
+    model = make_model(
+        nodes,
+        [("x", TensorProto.FLOAT, ["batch", 1, 5, 5])],
+        [("y", TensorProto.FLOAT, ["batch", 2, 3, 3]), ("n", TensorProto.INT64, [1])],
+        inits,
+        opset=opset,
+    )
+    model.ir_version = ir_version
+    if ir_version < 4:
+        # IR 3 lists every initializer as a graph input too.
+        model.graph.input.extend(
+            helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            for t in model.graph.initializer
+        )
+    return model
+
+
+def test_repair_turns_constant_of_shape_weights_into_parameters(tmp_path, capsys):
+    model = constant_of_shape_model()
+    held = check.constant_weights(model)
+    assert [(w.name, w.op_type, w.shape, w.reader) for w in held] == [
+        ("W", "ConstantOfShape", (2, 1, 3, 3), ("Conv", "conv")),
+        ("b", "ConstantOfShape", (2,), ("Conv", "conv")),
+        ("s", "ConstantOfShape", (2,), ("Mul", "mul")),
+    ]
+    repaired, changes = check.constants_to_initializers(model)
+    assert len(changes) == 3
+    assert "ConstantOfShape node 'fill_w' holds a [2, 1, 3, 3] weight read by Conv" in changes[0]
+    ops = [n.op_type for n in repaired.graph.node]
+    assert ops.count("ConstantOfShape") == 2  # the int fill and the unread scratch
+    assert "b_shape" not in {o for n in repaired.graph.node for o in n.output}
+    inits = {t.name: numpy_helper.to_array(t) for t in repaired.graph.initializer}
+    assert "W_shape" not in inits and "s_shape" in inits  # s_shape still makes `zero`
+    np.testing.assert_array_equal(inits["W"], np.full((2, 1, 3, 3), 0.5, np.float32))
+    np.testing.assert_array_equal(inits["b"], np.zeros(2, np.float32))
+    assert trainable_parameters(repaired) == ["W", "b", "s"]
+    onnx.checker.check_model(repaired, full_check=True)
+    x = np.random.default_rng(3).standard_normal((2, 1, 5, 5)).astype(np.float32)
+    for ours, theirs in zip(run(repaired, {"x": x}), run(model, {"x": x})):
+        np.testing.assert_array_equal(ours, theirs)
+    assert check.constants_to_initializers(repaired)[1] == []
+
+    # Offered without --fix, applied with it; the gradients of the new parameters check out.
+    path, out = tmp_path / "cos.onnx", tmp_path / "fixed.onnx"
+    onnx.save(model, path)
+    assert main(["check", str(path), "--loss", "y"]) == 1  # no parameters yet
+    assert "repairs offered (apply with --fix -o OUT): 3" in capsys.readouterr().out
+    assert main(["check", str(path), "--loss", "y", "--fix", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "repairs applied: 3" in text
+    assert set(result_lines(text)) == {"W", "b", "s"}
+
+
+def test_constant_of_shape_repair_keeps_ir3_initializers_listed_as_inputs():
+    model = constant_of_shape_model(ir_version=3, opset=9)
+    repaired, changes = check.constants_to_initializers(model)
+    assert len(changes) == 3
+    inputs = [i.name for i in repaired.graph.input]
+    assert {"W", "b", "s"} <= set(inputs) and "W_shape" not in inputs
+    assert {t.name for t in repaired.graph.initializer} <= set(inputs)
+    onnx.checker.check_model(repaired)
+    x = np.ones((1, 1, 5, 5), np.float32)
+    np.testing.assert_array_equal(run(repaired, {"x": x})[0], run(model, {"x": x})[0])
+
+
+def test_a_shape_that_a_feed_can_change_is_no_constant():
+    # From IR 4 on, an initializer that is also a graph input is only a default.
+    model = constant_of_shape_model()
+    model.graph.input.append(helper.make_tensor_value_info("W_shape", TensorProto.INT64, [4]))
+    assert "W" not in {w.name for w in check.constant_weights(model)}
+
+
+def test_the_light_model_zoo_graphs_get_their_weights():
+    path = Path(onnx.__file__).parent / "backend/test/data/light/light_squeezenet.onnx"
+    model = onnx.load(path)
+    assert len(trainable_parameters(check.load(model))) == 13  # the biases only
+    repaired, changes = check.constants_to_initializers(model)
+    assert len(changes) == 39
+    assert len(trainable_parameters(check.load(repaired))) == 52
+    assert not any(n.op_type == "ConstantOfShape" for n in repaired.graph.node)
+    assert not any(i.name.endswith("__SHAPE") for i in repaired.graph.input)
+
+
+def test_nodes_the_loss_does_not_need_stay_out_of_the_check():
+    # The second output comes from a node no executor here knows: checking y needs none of it.
+    model = mlp()
+    model.graph.node.append(helper.make_node("Frob", ["y"], ["z"], name="frob", domain="com.x"))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 2]))
+    model.opset_import.append(helper.make_opsetid("com.x", 1))
+    report = check.check(model, loss=["y"])
+    assert report.ok, check.render(report)
+    assert any("com.x::Frob node 'frob'" in note for note in report.notes)
+    # Asked for, it is refused with its name.
+    report = check.check(model)
+    assert not report.ok and "com.x::Frob" in check.render(report)
+
+
+def test_outputs_that_are_no_tensors_are_described_with_their_maker():
+    model = mlp()
+    model.graph.node.append(helper.make_node("SequenceConstruct", ["y"], ["seq"], name="pack"))
+    del model.graph.output[:]
+    model.graph.output.append(
+        helper.make_value_info(
+            "seq",
+            helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, None)),
+        )
+    )
+    with pytest.raises(
+        GradientError,
+        match=r"'seq' is seq\(tensor\(float32\)\) \(made by "
+        r"SequenceConstruct node 'pack' from 'y'\)",
+    ):
+        check.check(model)
 
 
 def test_repair_switches_training_mode_ops_to_inference():

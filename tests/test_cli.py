@@ -31,6 +31,7 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess:
     """Run `python -m onnxgrad ARGS` and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "onnxgrad", *map(str, args)],
+        check=False,  # the tests read the exit status themselves
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -40,8 +41,8 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess:
 
 def accuracies(text: str) -> tuple[float, float]:
     """The held-out accuracy printed on the 'before:' and 'after:' lines."""
-    before = re.search(r"^before: .*accuracy ([\d.]+)%", text, re.M)
-    after = re.search(r"^after: .*accuracy ([\d.]+)%", text, re.M)
+    before = re.search(r"^before: .*accuracy ([\d.]+)%", text, re.MULTILINE)
+    after = re.search(r"^after: .*accuracy ([\d.]+)%", text, re.MULTILINE)
     assert before and after, text
     return float(before.group(1)), float(after.group(1))
 
@@ -139,7 +140,7 @@ def test_train_in_process_with_sgd_and_frozen_features(tmp_path, capsys):
     assert code == 0, captured.err
     assert "trainable parameters: 2 tensor(s), 2,570 element(s)" in captured.out
     assert "0.2 validation split" in captured.out
-    assert re.search(r"^epoch 1/1: train loss [\d.]+, held-out loss", captured.out, re.M)
+    assert re.search(r"^epoch 1/1: train loss [\d.]+, held-out loss", captured.out, re.MULTILINE)
     accuracies(captured.out)
 
     # Only the head moved.
@@ -200,11 +201,52 @@ def test_info_lists_everything(capsys):
     assert "input: float32 [batch, 1, 8, 8]" in out
     assert "logits: float32 [batch, 10]" in out
     assert "trainable parameters: 8 tensor(s), 3,834 element(s)" in out
-    assert re.search(r"^  fc\.weight +\[10, 256\] +2,560$", out, re.M)
+    assert re.search(r"^  fc\.weight +\[10, 256\] +2,560$", out, re.MULTILINE)
     assert "bn1.running_mean" not in out
-    assert re.search(r"^  Conv +2$", out, re.M)
-    assert re.search(r"^  BatchNormalization +1$", out, re.M)
+    assert re.search(r"^  Conv +2$", out, re.MULTILINE)
+    assert re.search(r"^  BatchNormalization +1$", out, re.MULTILINE)
     assert "missing gradient rules: none" in out
+
+
+def test_info_reports_weights_held_in_constant_nodes(tmp_path, capsys):
+    # A Constant weight and a ConstantOfShape one (its shape an initializer), as exporters
+    # and caffe2's model zoo leave them: they compute, but are not trainable as they are.
+    w = numpy_helper.from_array(np.full((3, 4), 0.5, np.float32))
+    nodes = [
+        helper.make_node("Constant", [], ["W"], name="const_w", value=w),
+        helper.make_node(
+            "ConstantOfShape",
+            ["b_shape"],
+            ["b"],
+            name="fill_b",
+            value=numpy_helper.from_array(np.array([0.1], np.float32)),
+        ),
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+        helper.make_node("Add", ["h", "b"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(np.array([4], np.int64), "b_shape")],
+    )
+    path = tmp_path / "held.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters: 0 tensor(s), 0 element(s)" in out
+    assert (
+        "weights held in Constant/ConstantOfShape nodes (not trainable): 2 tensor(s), "
+        "16 element(s)" in out
+    )
+    assert f"`onnxgrad check {path} --fix -o FIXED.onnx` makes them parameters" in out
+    assert re.search(r"^  W +\[3, 4\] +12  Constant 'const_w'$", out, re.MULTILINE)
+    assert re.search(r"^  b +\[4\] +4  ConstantOfShape 'fill_b'$", out, re.MULTILINE)
+
+    # The example holds none.
+    assert main(["info", str(CNN)]) == 0
+    assert "weights held in Constant/ConstantOfShape nodes: none" in capsys.readouterr().out
 
 
 def test_info_names_every_node_without_a_rule(tmp_path, capsys):
@@ -230,8 +272,8 @@ def test_info_names_every_node_without_a_rule(tmp_path, capsys):
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "missing gradient rules: 2 node(s)" in out
-    assert re.search(r"com\.example::Frob +node 'frob'$", out, re.M)
-    assert re.search(r"com\.example::Frob +node 'frob2'$", out, re.M)
+    assert re.search(r"com\.example::Frob +node 'frob'$", out, re.MULTILINE)
+    assert re.search(r"com\.example::Frob +node 'frob2'$", out, re.MULTILINE)
     assert "node 'mm'" not in out
 
 
@@ -243,7 +285,7 @@ def test_run_prints_shapes_and_accuracy(tmp_path, capsys):
     assert main(["run", str(CNN), "--data", str(TEST), "-o", str(out), "--batch-size", "128"]) == 0
     printed = capsys.readouterr().out
     assert "logits: float32 [500, 10]" in printed
-    match = re.search(r"^accuracy: ([\d.]+)%", printed, re.M)
+    match = re.search(r"^accuracy: ([\d.]+)%", printed, re.MULTILINE)
     assert match and 50 < float(match.group(1)) < 95
     with np.load(out) as saved:
         assert saved["logits"].shape == (500, 10)

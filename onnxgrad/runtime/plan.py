@@ -108,7 +108,7 @@ class Plan:
         self.outputs = list(outputs)
 
         # 1. Keep only the nodes the outputs depend on.
-        needed = _needed_nodes(nodes, outputs)
+        needed = needed_nodes(nodes, outputs)
 
         # 2. Fold the nodes whose inputs are all known now.
         known = dict(constants)
@@ -391,7 +391,8 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
     )
 
 
-def _needed_nodes(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> list[onnx.NodeProto]:
+def needed_nodes(nodes: Sequence[onnx.NodeProto], outputs: Sequence[str]) -> list[onnx.NodeProto]:
+    """The nodes (in the given order) that computing `outputs` runs."""
     wanted = set(outputs)
     keep = []
     for node in reversed(nodes):

@@ -19,7 +19,7 @@ from onnxgrad.errors import ExecutionError
 from onnxgrad.importer import attributes, graph_inputs, load, opset_of
 from onnxgrad.runtime import kernels as registry
 from onnxgrad.runtime.kernels import KernelNode
-from onnxgrad.runtime.plan import Plan, outer_names, topological_order
+from onnxgrad.runtime.plan import Plan, needed_nodes, outer_names, topological_order
 
 logger = logging.getLogger(__name__)
 
@@ -101,17 +101,23 @@ class _NumpySession:
         self.inputs = {i.name: i for i in graph_inputs(self.model)}
         self.output_names = [o.name for o in graph.output]
         self.nodes = topological_order(graph.node, set(self.initializers) | set(self.inputs))
-        self.kernels = self._compile()
+        self.kernels, self.missing = self._compile()
         self._plans: dict[tuple, Plan] = {}
 
-    def _compile(self) -> dict:
+    def _compile(self) -> tuple[dict, dict[str, str]]:
+        """Kernels by node name, and what stands in the way of the nodes that have none.
+
+        A node without a kernel is only an error when a run needs it: an ai.onnx.ml label
+        head or a vendor op off the requested outputs' path is never in the way.
+        """
         dtypes = _known_dtypes(self.model)
-        kernels, missing = {}, []
+        kernels, missing = {}, {}
         for node in self.nodes:
             factory = registry.lookup(node.op_type, node.domain)
             opset = opset_of(self.model, node.domain)
+            op = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
             if factory is None:
-                missing.append(f"{node.op_type} (node '{node.name}', opset {opset})")
+                missing[node.name] = f"{op} (node '{node.name}', opset {opset})"
                 continue
             info = KernelNode(
                 node.op_type,
@@ -127,14 +133,22 @@ class _NumpySession:
             try:
                 kernels[node.name] = factory(info)
             except NotImplementedError as err:
-                missing.append(f"{node.op_type} (node '{node.name}', opset {opset}): {err}")
-        if missing:
+                missing[node.name] = f"{op} (node '{node.name}', opset {opset}): {err}"
+        return kernels, missing
+
+    def _check_runnable(self, names: Sequence[str]) -> None:
+        """Raise, naming every one, when the nodes that `names` need include some without
+        a kernel."""
+        if not self.missing:
+            return
+        needed = needed_nodes(self.nodes, names)
+        blocked = [self.missing[n.name] for n in needed if n.name in self.missing]
+        if blocked:
             raise ExecutionError(
-                f"the numpy backend cannot run {len(missing)} node(s): "
-                + "; ".join(missing)
+                f"the numpy backend cannot run {len(blocked)} node(s): "
+                + "; ".join(blocked)
                 + ". Try backend='onnxruntime'."
             )
-        return kernels
 
     def run(self, output_names, feeds) -> list:
         names = tuple(self.output_names if output_names is None else output_names)
@@ -143,6 +157,7 @@ class _NumpySession:
         key = (names, overridden)
         plan = self._plans.get(key)
         if plan is None:
+            self._check_runnable(names)
             constants = {k: v for k, v in self.initializers.items() if k not in overridden}
             plan = Plan(
                 self.nodes,

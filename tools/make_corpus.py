@@ -1,0 +1,967 @@
+"""Build the model corpus: real ONNX models from many exporters, for tests/test_corpus.py.
+
+Every source is offline: files that installed wheels ship, and models made here from code.
+
+- onnx-light: the onnx wheel's model-zoo graphs (caffe2 exports: IR 3, opset 9), whose large
+  weights are ConstantOfShape outputs; the expected outputs beside them are for the input
+  arange(n) / n that onnx's backend runner feeds.
+- onnx-pytorch: a selection of the onnx wheel's pytorch-converted models (the old PyTorch
+  exporter: IR 3, opset 6, initializers listed as graph inputs), with their test_data_set_0.
+- onnxruntime: the onnxruntime wheel's logreg_iris.onnx (ai.onnx.ml ops only, weights in
+  attributes: nothing to train).
+- sklearn: scikit-learn models converted by skl2onnx (default-domain MatMul/Add/Relu with
+  ai.onnx.ml nodes around them: ArrayFeatureExtractor, ZipMap, Scaler).
+- transformers: HuggingFace architectures with tiny configs built from code (random
+  weights, nothing downloaded), exported with torch.onnx.export; one of them is also fused
+  by onnxruntime's transformer optimizer into com.microsoft ops.
+- torch: small PyTorch models exported the old ways (opset 9, initializers as inputs).
+
+Each model gets a folder OUT/<name>/ holding model.onnx, data.npz (inputs as
+"input/<name>", expected outputs as "output/<name>" where the source gives them, training
+targets as "target") and manifest.json:
+
+    name, source, origin (where the file or its recipe comes from), made (how),
+    ir_version, opsets ({domain: version}), inputs and outputs ([{name, dtype, shape}],
+    symbolic dimensions as their names and unnamed ones as null), loss ({kind, output}, or
+    null when nothing can be trained), backend (the one training needs: "onnxruntime" where
+    the forward graph holds ops onnxgrad's numpy executor lacks), repair (whether
+    `onnxgrad check --fix` must first turn Constant/ConstantOfShape weights into
+    initializers), redraw (whether those weights are one constant fill, to be redrawn at
+    random before a gradient check means anything), slow (kept out of the default test
+    run), trainable (parameter globs, where not all of them can be trained), bytes.
+
+The onnx-wheel models need no build: `wheel_cases()` describes them in place, and the tests
+read them from the installed onnx package. `--small` writes the set kept in tests/data/
+(each under 200 KB).
+
+Run:
+    python tools/make_corpus.py                       # everything that can be built, to corpus/
+    python tools/make_corpus.py --only sklearn transformers
+    python tools/make_corpus.py --small --out tests/data
+    python tools/make_corpus.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+logger = logging.getLogger("make_corpus")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "corpus"
+SMALL_LIMIT = 200 * 1024
+"""Bytes: a model kept in tests/data/ stays below this."""
+SEED = 0
+
+ONNX_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
+
+LIGHT = {
+    "light_bvlc_alexnet": True,
+    "light_densenet121": False,
+    "light_inception_v1": False,
+    "light_inception_v2": False,
+    "light_resnet50": False,
+    "light_shufflenet": False,
+    "light_squeezenet": False,
+    "light_vgg19": True,
+    "light_zfnet512": True,
+}
+"""The onnx wheel's model-zoo graphs, and whether each is slow (AlexNet, VGG-19 and ZFNet
+hold 61 to 144 million weights)."""
+
+PYTORCH_CONVERTED = (
+    "test_BatchNorm1d_3d_input_eval",
+    "test_BatchNorm2d_momentum_eval",
+    "test_BatchNorm3d_eval",
+    "test_Conv1d_dilated",
+    "test_Conv1d_groups",
+    "test_Conv2d_depthwise_with_multiplier",
+    "test_Conv2d_groups",
+    "test_Conv2d_no_bias",
+    "test_Conv3d_dilated_strided",
+    "test_ConvTranspose2d",
+    "test_Embedding",
+    "test_Linear",
+    "test_PReLU_1d_multiparam",
+    "test_PReLU_2d_multiparam",
+    "test_PReLU_3d_multiparam",
+)
+"""The pytorch-converted models picked: one or two per layer kind that has weights."""
+
+
+@dataclass
+class Case:
+    """One corpus model where it lies: its file, its manifest and its arrays.
+
+    Attributes:
+        name: the model's name.
+        model_path: the .onnx file.
+        manifest: the manifest (see the module docstring).
+        data_path: the .npz file, or None when `arrays` makes the data.
+        arrays: makes the data in place of a file (the wheel cases).
+    """
+
+    name: str
+    model_path: Path
+    manifest: dict
+    data_path: Path | None = None
+    arrays: Callable[[], dict[str, np.ndarray]] | None = None
+
+    def data(self) -> dict[str, np.ndarray]:
+        """Inputs ("input/<name>"), expected outputs ("output/<name>") and "target"."""
+        if self.arrays is not None:
+            return self.arrays()
+        if self.data_path is None or not self.data_path.is_file():
+            return {}
+        with np.load(self.data_path) as f:
+            return {k: f[k] for k in f.files}
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The input arrays by input name."""
+        return _strip(self.data(), "input/")
+
+    def expected(self) -> dict[str, np.ndarray]:
+        """The expected output arrays by output name (empty when the source gives none)."""
+        return _strip(self.data(), "output/")
+
+
+def _strip(data: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix) :]: v for k, v in data.items() if k.startswith(prefix)}
+
+
+# Reading cases.
+
+
+def folder_cases(folder: Path) -> list[Case]:
+    """The cases a built folder holds (OUT/<name>/manifest.json), sorted by name."""
+    cases = []
+    if not folder.is_dir():
+        return cases
+    for manifest_path in sorted(folder.glob("*/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        here = manifest_path.parent
+        cases.append(Case(manifest["name"], here / "model.onnx", manifest, here / "data.npz"))
+    return cases
+
+
+def wheel_cases() -> list[Case]:
+    """The onnx wheel's light and pytorch-converted models, described where they lie."""
+    cases = []
+    for name, slow in LIGHT.items():
+        path = ONNX_DATA / "light" / f"{name}.onnx"
+        if path.is_file():
+            cases.append(_light_case(name, path, slow))
+    for name in PYTORCH_CONVERTED:
+        folder = ONNX_DATA / "pytorch-converted" / name
+        if (folder / "model.onnx").is_file():
+            cases.append(_pytorch_converted_case(name, folder))
+    return cases
+
+
+def _light_case(name: str, path: Path, slow: bool) -> Case:
+    model = onnx.load(path)
+    inputs = _real_inputs(model)
+
+    def arrays() -> dict[str, np.ndarray]:
+        data = {}
+        for vi in inputs:
+            shape = [d.dim_value if d.HasField("dim_value") else 1 for d in _dims(vi)]
+            n = int(np.prod(shape))
+            data[f"input/{vi.name}"] = (np.arange(n).reshape(shape) / n).astype(np.float32)
+        for k, out in enumerate(model.graph.output):
+            expected = path.with_name(f"{name}_output_{k}.pb")
+            if expected.is_file():
+                data[f"output/{out.name}"] = numpy_helper.to_array(onnx.load_tensor(expected))
+        return data
+
+    manifest = _manifest(
+        model,
+        name,
+        source="onnx-light",
+        origin=f"onnx {onnx.__version__} wheel: {path.relative_to(ONNX_DATA.parents[3])}",
+        made="caffe2 model zoo export; weights replaced by ConstantOfShape fills",
+        loss={"kind": "mse", "output": model.graph.output[0].name},
+        repair=True,
+        redraw=True,
+        slow=slow,
+        size=path.stat().st_size,
+    )
+    return Case(name, path, manifest, arrays=arrays)
+
+
+def _pytorch_converted_case(name: str, folder: Path) -> Case:
+    model = onnx.load(folder / "model.onnx")
+    inputs = _real_inputs(model)
+
+    def arrays() -> dict[str, np.ndarray]:
+        data = {}
+        sets = folder / "test_data_set_0"
+        for k, vi in enumerate(inputs):
+            data[f"input/{vi.name}"] = _read_pb(sets / f"input_{k}.pb")
+        for k, out in enumerate(model.graph.output):
+            data[f"output/{out.name}"] = _read_pb(sets / f"output_{k}.pb")
+        return data
+
+    manifest = _manifest(
+        model,
+        name,
+        source="onnx-pytorch",
+        origin=f"onnx {onnx.__version__} wheel: {folder.relative_to(ONNX_DATA.parents[3])}",
+        made="the old PyTorch exporter (torch-jit-export), with test_data_set_0",
+        loss={"kind": "mse", "output": model.graph.output[0].name},
+        size=(folder / "model.onnx").stat().st_size,
+    )
+    return Case(name, folder / "model.onnx", manifest, arrays=arrays)
+
+
+def _read_pb(path: Path) -> np.ndarray:
+    return numpy_helper.to_array(onnx.load_tensor(path))
+
+
+# Writing cases.
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to make one corpus model.
+
+    Attributes:
+        name: the model's name (its folder).
+        source: one of the sources of the module docstring.
+        make: writes model.onnx and data.npz into a folder and returns the manifest.
+        small: part of the set kept in tests/data/.
+    """
+
+    name: str
+    source: str
+    make: Callable[[Path], dict]
+    small: bool = False
+
+
+def recipes() -> list[Recipe]:
+    """Every model the tool can make, the copied wheel files included."""
+    out = [Recipe(case.name, case.manifest["source"], _copier(case)) for case in wheel_cases()]
+    out += [
+        Recipe("ort_logreg_iris", "onnxruntime", make_ort_logreg_iris, small=True),
+        Recipe("sklearn_mlp_digits", "sklearn", make_sklearn_mlp, small=True),
+        Recipe("sklearn_mlp_digits_zipmap", "sklearn", make_sklearn_mlp_zipmap, small=True),
+        Recipe("sklearn_scaler_mlp_regressor", "sklearn", make_sklearn_pipeline, small=True),
+        Recipe("hf_bert_tiny", "transformers", make_bert, small=True),
+        Recipe("hf_bert_tiny_dynamo", "transformers", make_bert_dynamo),
+        Recipe("hf_bert_tiny_dynamo_opset23", "transformers", make_bert_opset23),
+        Recipe("hf_bert_tiny_opset11", "transformers", make_bert_opset11),
+        Recipe("hf_bert_tiny_ort_fused", "transformers", make_bert_fused, small=True),
+        Recipe("hf_gpt2_tiny_dynamo", "transformers", make_gpt2, small=True),
+        Recipe("hf_vit_tiny", "transformers", make_vit),
+        Recipe("hf_llama_tiny_dynamo", "transformers", make_llama),
+        Recipe("torch_cnn_opset9_inputs", "torch", make_torch_cnn_opset9, small=True),
+    ]
+    return out
+
+
+def _copier(case: Case) -> Callable[[Path], dict]:
+    def make(folder: Path) -> dict:
+        shutil.copyfile(case.model_path, folder / "model.onnx")
+        np.savez(folder / "data.npz", **case.data())
+        return dict(case.manifest)
+
+    return make
+
+
+def write(recipe: Recipe, out: Path) -> dict:
+    """Make one model into OUT/<name>/ and return its manifest."""
+    folder = out / recipe.name
+    tmp = out / f".{recipe.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = recipe.make(tmp)
+        manifest["bytes"] = (tmp / "model.onnx").stat().st_size
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _manifest(
+    model: onnx.ModelProto,
+    name: str,
+    *,
+    source: str,
+    origin: str,
+    made: str,
+    loss: dict | None,
+    backend: str = "numpy",
+    repair: bool = False,
+    redraw: bool = False,
+    slow: bool = False,
+    size: int | None = None,
+) -> dict:
+    manifest = {
+        "name": name,
+        "source": source,
+        "origin": origin,
+        "made": made,
+        "ir_version": model.ir_version,
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "inputs": [_value(vi) for vi in _real_inputs(model)],
+        "outputs": [_value(vi) for vi in model.graph.output],
+        "loss": loss,
+        "backend": backend,
+        "repair": repair,
+        "redraw": redraw,
+        "slow": slow,
+    }
+    if size is not None:
+        manifest["bytes"] = size
+    return manifest
+
+
+def _value(vi: onnx.ValueInfoProto) -> dict:
+    tp = vi.type
+    if not tp.HasField("tensor_type"):
+        return {"name": vi.name, "dtype": tp.WhichOneof("value"), "shape": None}
+    elem = tp.tensor_type.elem_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in _dims(vi)]
+    return {
+        "name": vi.name,
+        "dtype": helper.tensor_dtype_to_np_dtype(elem).name if elem else None,
+        "shape": shape,
+    }
+
+
+def _dims(vi: onnx.ValueInfoProto):
+    return vi.type.tensor_type.shape.dim
+
+
+def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits]
+
+
+def _save(folder: Path, model: onnx.ModelProto, data: dict[str, np.ndarray]) -> None:
+    onnx.checker.check_model(model)
+    onnx.save(model, folder / "model.onnx")
+    np.savez(folder / "data.npz", **data)
+
+
+# onnxruntime's bundled model.
+
+
+def make_ort_logreg_iris(folder: Path) -> dict:
+    """onnxruntime's datasets/logreg_iris.onnx: LinearClassifier, Normalizer, ZipMap."""
+    import onnxruntime
+
+    path = Path(onnxruntime.__file__).parent / "datasets" / "logreg_iris.onnx"
+    model = onnx.load(path)
+    (shape,) = [[d.dim_value for d in _dims(vi)] for vi in _real_inputs(model)]
+    x = np.random.default_rng(SEED).standard_normal(shape).astype(np.float32) + 3
+    _save(folder, model, {"input/float_input": x})
+    return _manifest(
+        model,
+        "ort_logreg_iris",
+        source="onnxruntime",
+        origin=f"onnxruntime {onnxruntime.__version__} wheel: onnxruntime/datasets/"
+        "logreg_iris.onnx",
+        made="copied (a scikit-learn LogisticRegression converted long ago)",
+        loss=None,
+        backend="onnxruntime",
+    )
+
+
+# scikit-learn through skl2onnx.
+
+
+def _digits(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _fitted_mlp(hidden: int = 32):
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = _digits()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a deliberately short fit does not converge
+        return MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=30, random_state=SEED).fit(x, y)
+
+
+def _sklearn_made(what: str) -> str:
+    import skl2onnx
+    import sklearn
+
+    return f"scikit-learn {sklearn.__version__}, skl2onnx {skl2onnx.__version__}: {what}"
+
+
+def make_sklearn_mlp(folder: Path) -> dict:
+    """MLPClassifier(32) on the digits, without ZipMap: probabilities are a float tensor."""
+    from skl2onnx import to_onnx
+
+    x, y = _digits()
+    clf = _fitted_mlp()
+    model = to_onnx(clf, x[:1], options={"zipmap": False}, target_opset={"": 18, "ai.onnx.ml": 3})
+    batch = x[:32]
+    _save(
+        folder,
+        model,
+        {
+            "input/X": batch,
+            "output/label": clf.predict(batch).astype(np.int64),
+            "output/probabilities": clf.predict_proba(batch).astype(np.float32),
+            "target": np.eye(10, dtype=np.float32)[y[:32]],
+        },
+    )
+    return _manifest(
+        model,
+        "sklearn_mlp_digits",
+        source="sklearn",
+        origin="tools/make_corpus.py: MLPClassifier(hidden_layer_sizes=(32,)) fit on the digits",
+        made=_sklearn_made("to_onnx(options={'zipmap': False})"),
+        loss={"kind": "mse", "output": "probabilities"},
+        backend="onnxruntime",
+    )
+
+
+def make_sklearn_mlp_zipmap(folder: Path) -> dict:
+    """The same MLPClassifier with skl2onnx's default ZipMap: no float tensor output."""
+    from skl2onnx import to_onnx
+
+    x, _ = _digits()
+    clf = _fitted_mlp()
+    model = to_onnx(clf, x[:1], target_opset={"": 18, "ai.onnx.ml": 3})
+    batch = x[:8]
+    _save(folder, model, {"input/X": batch, "output/output_label": clf.predict(batch)})
+    return _manifest(
+        model,
+        "sklearn_mlp_digits_zipmap",
+        source="sklearn",
+        origin="tools/make_corpus.py: MLPClassifier(hidden_layer_sizes=(32,)) fit on the digits",
+        made=_sklearn_made("to_onnx() with its default ZipMap on the probabilities"),
+        loss=None,
+        backend="onnxruntime",
+    )
+
+
+def make_sklearn_pipeline(folder: Path) -> dict:
+    """StandardScaler then MLPRegressor(16): an ai.onnx.ml Scaler before the weights."""
+    from skl2onnx import to_onnx
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = _digits()
+    target = y.astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = make_pipeline(
+            StandardScaler(), MLPRegressor(hidden_layer_sizes=(16,), max_iter=30, random_state=0)
+        ).fit(x, target)
+    model = to_onnx(pipe, x[:1], target_opset={"": 18, "ai.onnx.ml": 3})
+    batch = x[:32]
+    _save(
+        folder,
+        model,
+        {
+            "input/X": batch,
+            "output/variable": pipe.predict(batch).astype(np.float32).reshape(-1, 1),
+            "target": target[:32].reshape(-1, 1),
+        },
+    )
+    return _manifest(
+        model,
+        "sklearn_scaler_mlp_regressor",
+        source="sklearn",
+        origin="tools/make_corpus.py: make_pipeline(StandardScaler(), MLPRegressor((16,))) "
+        "fit on the digits",
+        made=_sklearn_made("to_onnx()"),
+        loss={"kind": "mse", "output": "variable"},
+        backend="onnxruntime",
+    )
+
+
+# HuggingFace transformers with tiny configs.
+
+
+def _quiet_export(module, args: tuple, path: Path, **kwargs) -> None:
+    """torch.onnx.export without its warnings and progress lines."""
+    import torch
+
+    quiet = io.StringIO()
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(quiet),
+        contextlib.redirect_stderr(quiet),
+    ):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), **kwargs)
+
+
+def _perturb(module, seed: int = SEED) -> None:
+    """Add small noise to every weight, as training would.
+
+    Freshly initialized norms are all ones and biases all zeros; the dynamo exporter's
+    optimizer then merges equal initializers into one, tying weights that a trained model
+    keeps apart.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def _torch_outputs(module, args: tuple, names: list[str]) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        values = module(*args)
+    values = values if isinstance(values, tuple) else (values,)
+    return {f"output/{n}": v.detach().numpy() for n, v in zip(names, values)}
+
+
+def _transformers_made(exporter: str) -> str:
+    import torch
+    import transformers
+
+    return (
+        f"transformers {transformers.__version__}, torch {torch.__version__}: "
+        f"torch.onnx.export({exporter})"
+    )
+
+
+def _bert(seed: int = SEED, attention: str = "sdpa"):
+    """BertModel with 1 layer, hidden 16, 2 heads, vocabulary 64, and its example inputs."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    class Bert(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = BertConfig(
+                attn_implementation=attention,
+                vocab_size=64,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=32,
+                type_vocab_size=2,
+            )
+            self.bert = BertModel(config)
+
+        def forward(self, input_ids, attention_mask):
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+            return out.last_hidden_state, out.pooler_output
+
+    torch.manual_seed(seed)
+    module = Bert().eval()
+    _perturb(module, seed)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (2, 8), generator=generator)
+    mask = torch.ones(2, 8, dtype=torch.int64)
+    mask[1, 6:] = 0
+    return module, (ids, mask)
+
+
+_BERT_IO = {
+    "input_names": ["input_ids", "attention_mask"],
+    "output_names": ["last_hidden_state", "pooler_output"],
+}
+_BERT_AXES = {
+    "input_ids": {0: "batch", 1: "sequence"},
+    "attention_mask": {0: "batch", 1: "sequence"},
+}
+
+
+def _bert_data(module, args) -> dict[str, np.ndarray]:
+    data = {"input/input_ids": args[0].numpy(), "input/attention_mask": args[1].numpy()}
+    data.update(_torch_outputs(module, args, _BERT_IO["output_names"]))
+    return data
+
+
+def _bert_manifest(model, name: str, made: str, backend: str = "numpy", slow=False) -> dict:
+    return _manifest(
+        model,
+        name,
+        source="transformers",
+        origin="tools/make_corpus.py: BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, "
+        "num_attention_heads=2, vocab_size=64)), random weights",
+        made=made,
+        loss={"kind": "mse", "output": "last_hidden_state"},
+        backend=backend,
+        slow=slow,
+    )
+
+
+def make_bert(folder: Path) -> dict:
+    """Tiny BERT through the legacy TorchScript exporter at opset 17, dynamic batch and length."""
+    module, args = _bert()
+    path = folder / "model.onnx"
+    _quiet_export(
+        module, args, path, dynamo=False, opset_version=17, dynamic_axes=_BERT_AXES, **_BERT_IO
+    )
+    np.savez(folder / "data.npz", **_bert_data(module, args))
+    made = _transformers_made("dynamo=False, opset_version=17, dynamic_axes")
+    return _bert_manifest(onnx.load(path), "hf_bert_tiny", made)
+
+
+def make_bert_dynamo(folder: Path) -> dict:
+    """Tiny BERT through the dynamo exporter (opset 18)."""
+    module, args = _bert()
+    path = folder / "model.onnx"
+    _quiet_export(module, args, path, dynamo=True, opset_version=18, **_BERT_IO)
+    np.savez(folder / "data.npz", **_bert_data(module, args))
+    made = _transformers_made("dynamo=True, opset_version=18")
+    return _bert_manifest(onnx.load(path), "hf_bert_tiny_dynamo", made)
+
+
+def make_bert_opset23(folder: Path) -> dict:
+    """Tiny BERT through the dynamo exporter at opset 23, the newest it writes."""
+    module, args = _bert()
+    path = folder / "model.onnx"
+    _quiet_export(module, args, path, dynamo=True, opset_version=23, **_BERT_IO)
+    np.savez(folder / "data.npz", **_bert_data(module, args))
+    made = _transformers_made("dynamo=True, opset_version=23")
+    return _bert_manifest(onnx.load(path), "hf_bert_tiny_dynamo_opset23", made)
+
+
+def make_bert_opset11(folder: Path) -> dict:
+    """Tiny BERT through the legacy exporter at opset 11 (LayerNorm written out in ops).
+
+    Eager attention: opset 11 has nothing to export scaled_dot_product_attention to.
+    """
+    module, args = _bert(attention="eager")
+    path = folder / "model.onnx"
+    _quiet_export(
+        module, args, path, dynamo=False, opset_version=11, dynamic_axes=_BERT_AXES, **_BERT_IO
+    )
+    np.savez(folder / "data.npz", **_bert_data(module, args))
+    made = _transformers_made("dynamo=False, opset_version=11, dynamic_axes")
+    return _bert_manifest(onnx.load(path), "hf_bert_tiny_opset11", made)
+
+
+def make_bert_fused(folder: Path) -> dict:
+    """Tiny BERT fused by onnxruntime's transformer optimizer: com.microsoft ops inside."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    module, args = _bert()
+    exported = folder / "exported.onnx"
+    _quiet_export(
+        module, args, exported, dynamo=False, opset_version=17, dynamic_axes=_BERT_AXES, **_BERT_IO
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        fused = optimize_model(str(exported), model_type="bert", num_heads=2, hidden_size=16)
+    exported.unlink()
+    model = fused.model
+    # The optimizer imports every onnxruntime domain; keep the ones the graph uses.
+    used = {n.domain for n in model.graph.node} | {""}
+    keep = [o for o in model.opset_import if o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    _save(folder, model, _bert_data(module, args))
+    made = _transformers_made("dynamo=False, opset_version=17") + (
+        ", then onnxruntime.transformers.optimizer.optimize_model(model_type='bert')"
+    )
+    manifest = _bert_manifest(model, "hf_bert_tiny_ort_fused", made, backend="onnxruntime")
+    # Only the pooler lies after the last com.microsoft node: that is what can be trained.
+    manifest["loss"] = {"kind": "mse", "output": "pooler_output"}
+    manifest["trainable"] = ["bert.pooler.*"]
+    return manifest
+
+
+def make_gpt2(folder: Path) -> dict:
+    """Tiny GPT-2 through the dynamo exporter (the legacy one cannot export aten::diff)."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    class GPT2(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = GPT2Config(
+                vocab_size=64,
+                n_positions=32,
+                n_embd=16,
+                n_layer=1,
+                n_head=2,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+            self.gpt2 = GPT2Model(config)
+
+        def forward(self, input_ids):
+            out = self.gpt2(input_ids=input_ids, use_cache=False, return_dict=True)
+            return out.last_hidden_state
+
+    torch.manual_seed(SEED)
+    module = GPT2().eval()
+    _perturb(module)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(SEED))
+    path = folder / "model.onnx"
+    _quiet_export(
+        module,
+        (ids,),
+        path,
+        dynamo=True,
+        opset_version=18,
+        input_names=["input_ids"],
+        output_names=["last_hidden_state"],
+    )
+    data = {"input/input_ids": ids.numpy()}
+    data.update(_torch_outputs(module, (ids,), ["last_hidden_state"]))
+    np.savez(folder / "data.npz", **data)
+    return _manifest(
+        onnx.load(path),
+        "hf_gpt2_tiny_dynamo",
+        source="transformers",
+        origin="tools/make_corpus.py: GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, "
+        "vocab_size=64)), random weights",
+        made=_transformers_made("dynamo=True, opset_version=18"),
+        loss={"kind": "mse", "output": "last_hidden_state"},
+    )
+
+
+def make_vit(folder: Path) -> dict:
+    """Tiny ViT (16x16 images, 4x4 patches) through the legacy exporter at opset 17."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    class ViT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = ViTConfig(
+                image_size=16,
+                patch_size=4,
+                num_channels=3,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+            )
+            self.vit = ViTModel(config, add_pooling_layer=False)
+
+        def forward(self, pixel_values):
+            return self.vit(pixel_values=pixel_values, return_dict=True).last_hidden_state
+
+    torch.manual_seed(SEED)
+    module = ViT().eval()
+    _perturb(module)
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(SEED))
+    path = folder / "model.onnx"
+    _quiet_export(
+        module,
+        (pixels,),
+        path,
+        dynamo=False,
+        opset_version=17,
+        input_names=["pixel_values"],
+        output_names=["last_hidden_state"],
+        dynamic_axes={"pixel_values": {0: "batch"}},
+    )
+    data = {"input/pixel_values": pixels.numpy()}
+    data.update(_torch_outputs(module, (pixels,), ["last_hidden_state"]))
+    np.savez(folder / "data.npz", **data)
+    return _manifest(
+        onnx.load(path),
+        "hf_vit_tiny",
+        source="transformers",
+        origin="tools/make_corpus.py: ViTModel(ViTConfig(image_size=16, patch_size=4, "
+        "hidden_size=16, num_hidden_layers=1)), random weights",
+        made=_transformers_made("dynamo=False, opset_version=17, dynamic batch"),
+        loss={"kind": "mse", "output": "last_hidden_state"},
+    )
+
+
+def make_llama(folder: Path) -> dict:
+    """Tiny Llama (RMSNorm, rotary embeddings, SiLU gate) through the dynamo exporter."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    class Llama(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            config = LlamaConfig(
+                vocab_size=64,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=32,
+            )
+            self.llama = LlamaModel(config)
+
+        def forward(self, input_ids):
+            out = self.llama(input_ids=input_ids, use_cache=False, return_dict=True)
+            return out.last_hidden_state
+
+    torch.manual_seed(SEED)
+    module = Llama().eval()
+    _perturb(module)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(SEED))
+    path = folder / "model.onnx"
+    _quiet_export(
+        module,
+        (ids,),
+        path,
+        dynamo=True,
+        opset_version=18,
+        input_names=["input_ids"],
+        output_names=["last_hidden_state"],
+    )
+    data = {"input/input_ids": ids.numpy()}
+    data.update(_torch_outputs(module, (ids,), ["last_hidden_state"]))
+    np.savez(folder / "data.npz", **data)
+    return _manifest(
+        onnx.load(path),
+        "hf_llama_tiny_dynamo",
+        source="transformers",
+        origin="tools/make_corpus.py: LlamaModel(LlamaConfig(hidden_size=16, num_hidden_layers=1, "
+        "num_attention_heads=2, num_key_value_heads=1, vocab_size=64)), random weights",
+        made=_transformers_made("dynamo=True, opset_version=18"),
+        loss={"kind": "mse", "output": "last_hidden_state"},
+    )
+
+
+# Small PyTorch models, exported the old ways.
+
+
+def make_torch_cnn_opset9(folder: Path) -> dict:
+    """A Conv-BN-ReLU-pool-Linear CNN, legacy exporter, opset 9, initializers as inputs."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(SEED)
+    module = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 5),
+    ).eval()
+    with torch.no_grad():
+        module[1].running_mean.normal_(0, 0.1)
+        module[1].running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(SEED))
+    path = folder / "model.onnx"
+    _quiet_export(
+        module,
+        (x,),
+        path,
+        dynamo=False,
+        opset_version=9,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}},
+        keep_initializers_as_inputs=True,
+        do_constant_folding=False,
+    )
+    data = {"input/x": x.numpy()}
+    data.update(_torch_outputs(module, (x,), ["y"]))
+    np.savez(folder / "data.npz", **data)
+    return _manifest(
+        onnx.load(path),
+        "torch_cnn_opset9_inputs",
+        source="torch",
+        origin="tools/make_corpus.py: Conv2d-BatchNorm2d-ReLU-MaxPool2d-Linear",
+        made=f"torch {torch.__version__}: torch.onnx.export(dynamo=False, opset_version=9, "
+        "keep_initializers_as_inputs=True, do_constant_folding=False)",
+        loss={"kind": "mse", "output": "y"},
+    )
+
+
+# The command line.
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Build the model corpus for tests/test_corpus.py (every source offline)."
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="the folder (default: corpus/, or tests/data/)"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SOURCE_OR_NAME",
+        help="build only these sources (onnx-light, onnx-pytorch, onnxruntime, sklearn, "
+        "transformers, torch) or model names",
+    )
+    parser.add_argument(
+        "--small", action="store_true", help="build only the small set kept in tests/data/"
+    )
+    parser.add_argument("--list", action="store_true", help="list the models and exit")
+    args = parser.parse_args(argv)
+    # Only this tool's own lines: the exporters log every pass at INFO.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    chosen = [r for r in recipes() if not args.small or r.small]
+    if args.only:
+        wanted = set(args.only)
+        chosen = [r for r in chosen if r.name in wanted or r.source in wanted]
+    if args.list:
+        for r in chosen:
+            print(f"{r.name:36s} {r.source}{'  (small)' if r.small else ''}")
+        return 0
+    out = args.out or (ROOT / "tests" / "data" if args.small else DEFAULT_OUT)
+    out.mkdir(parents=True, exist_ok=True)
+
+    failed = []
+    for recipe in chosen:
+        try:
+            manifest = write(recipe, out)
+        except ImportError as err:
+            logger.warning("skipped %s: %s (pip install it to build this model)", recipe.name, err)
+            continue
+        except Exception as err:  # noqa: BLE001 - one failing recipe must not stop the others
+            logger.error("FAILED %s: %s: %s", recipe.name, type(err).__name__, err)
+            failed.append(recipe.name)
+            continue
+        size = manifest["bytes"]
+        if args.small and size > SMALL_LIMIT:
+            logger.error(
+                "FAILED %s: %d bytes, over the %d of tests/data", recipe.name, size, SMALL_LIMIT
+            )
+            failed.append(recipe.name)
+        logger.info("%-36s %-13s %9s bytes", recipe.name, recipe.source, f"{size:,}")
+    if failed:
+        logger.error("%d model(s) failed: %s", len(failed), ", ".join(failed))
+        return 1
+    return 0
+
+
+def iter_cases(*folders: Path) -> Iterator[Case]:
+    """The wheel cases, then each folder's, each name once (the first one found wins)."""
+    seen = set()
+    for case in wheel_cases() + [c for f in folders for c in folder_cases(f)]:
+        if case.name not in seen:
+            seen.add(case.name)
+            yield case
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
