@@ -10,6 +10,7 @@ from onnxgrad.runtime.kernels import KernelNode, kernel
 @kernel("MatMul")
 def matmul(node: KernelNode):
     """A · B with numpy's matmul rules (1-D promotion, broadcast batch dimensions)."""
+
     # np.matmul follows numpy's matmul rules, which ONNX's MatMul copies: 1-D operands are
     # promoted and the promoted axis removed again, batch dimensions broadcast.
     def run(a, b):
