@@ -691,52 +691,23 @@ def make_bert_fused(folder: Path) -> dict:
 
 def make_gpt2(folder: Path) -> dict:
     """Tiny GPT-2 through the dynamo exporter (the legacy one cannot export aten::diff)."""
-    import torch
     from transformers import GPT2Config, GPT2Model
 
-    class GPT2(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            config = GPT2Config(
-                vocab_size=64,
-                n_positions=32,
-                n_embd=16,
-                n_layer=1,
-                n_head=2,
-                bos_token_id=0,
-                eos_token_id=0,
-            )
-            self.gpt2 = GPT2Model(config)
-
-        def forward(self, input_ids):
-            out = self.gpt2(input_ids=input_ids, use_cache=False, return_dict=True)
-            return out.last_hidden_state
-
-    torch.manual_seed(SEED)
-    module = GPT2().eval()
-    _perturb(module)
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(SEED))
-    path = folder / "model.onnx"
-    _quiet_export(
-        module,
-        (ids,),
-        path,
-        dynamo=True,
-        opset_version=18,
-        input_names=["input_ids"],
-        output_names=["last_hidden_state"],
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=32,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
     )
-    data = {"input/input_ids": ids.numpy()}
-    data.update(_torch_outputs(module, (ids,), ["last_hidden_state"]))
-    np.savez(folder / "data.npz", **data)
-    return _manifest(
-        onnx.load(path),
+    return _export_decoder(
+        folder,
+        "gpt2",
+        lambda: GPT2Model(config),
         "hf_gpt2_tiny_dynamo",
-        source="transformers",
-        origin="tools/make_corpus.py: GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, "
-        "vocab_size=64)), random weights",
-        made=_transformers_made("dynamo=True, opset_version=18"),
-        loss={"kind": "mse", "output": "last_hidden_state"},
+        "GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64))",
     )
 
 
@@ -793,29 +764,45 @@ def make_vit(folder: Path) -> dict:
 
 def make_llama(folder: Path) -> dict:
     """Tiny Llama (RMSNorm, rotary embeddings, SiLU gate) through the dynamo exporter."""
-    import torch
     from transformers import LlamaConfig, LlamaModel
 
-    class Llama(torch.nn.Module):
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    return _export_decoder(
+        folder,
+        "llama",
+        lambda: LlamaModel(config),
+        "hf_llama_tiny_dynamo",
+        "LlamaModel(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, "
+        "num_key_value_heads=1, vocab_size=64))",
+    )
+
+
+def _export_decoder(folder: Path, attr: str, build, name: str, described: str) -> dict:
+    """A transformers decoder (token ids to last_hidden_state), seeded, exported by dynamo.
+
+    The decoder sits under `attr`, which prefixes every weight name in the export.
+    """
+    import torch
+
+    class Decoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            config = LlamaConfig(
-                vocab_size=64,
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                max_position_embeddings=32,
-            )
-            self.llama = LlamaModel(config)
+            setattr(self, attr, build())
 
         def forward(self, input_ids):
-            out = self.llama(input_ids=input_ids, use_cache=False, return_dict=True)
+            out = getattr(self, attr)(input_ids=input_ids, use_cache=False, return_dict=True)
             return out.last_hidden_state
 
     torch.manual_seed(SEED)
-    module = Llama().eval()
+    module = Decoder().eval()
     _perturb(module)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(SEED))
     path = folder / "model.onnx"
@@ -833,10 +820,9 @@ def make_llama(folder: Path) -> dict:
     np.savez(folder / "data.npz", **data)
     return _manifest(
         onnx.load(path),
-        "hf_llama_tiny_dynamo",
+        name,
         source="transformers",
-        origin="tools/make_corpus.py: LlamaModel(LlamaConfig(hidden_size=16, num_hidden_layers=1, "
-        "num_attention_heads=2, num_key_value_heads=1, vocab_size=64)), random weights",
+        origin=f"tools/make_corpus.py: {described}, random weights",
         made=_transformers_made("dynamo=True, opset_version=18"),
         loss={"kind": "mse", "output": "last_hidden_state"},
     )
