@@ -37,6 +37,7 @@ OPTIMIZERS = {
     "adamw": lambda: AdamW(0.01, weight_decay=0.1),
 }
 LOSSES = ("cross_entropy", "mse", "bce_with_logits")
+ALL_LOSSES = (*LOSSES, "nll", "l1")  # nll reads the logits as log-probabilities
 
 
 def mlp(n_in: int = 12, hidden: int = 16, n_out: int = 4, seed: int = 0) -> onnx.ModelProto:
@@ -76,9 +77,9 @@ def batch(loss: str, kind: str = "mlp", n: int = 16, seed: int = 3):
         data = np.load(ROOT / "models" / "digits_train.npz")
         feeds, classes = {"input": data["input"][:n]}, 10
     labels = rng.integers(0, classes, n)
-    if loss == "cross_entropy":
+    if loss in ("cross_entropy", "nll"):
         return feeds, labels.astype(np.int64)
-    if loss == "mse":
+    if loss in ("mse", "l1"):
         return feeds, rng.normal(size=(n, classes)).astype(np.float32)
     return feeds, np.eye(classes, dtype=np.float32)[labels]
 
@@ -133,14 +134,14 @@ def assert_matches_trainer(source, loss, optimizer, feeds, target, **trainer_kw)
     assert int(state[STEP]) == STEPS
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", ALL_LOSSES)
 @pytest.mark.parametrize("opt", OPTIMIZERS)
 def test_mlp_steps_match_trainer(loss, opt):
     feeds, target = batch(loss)
     assert_matches_trainer(mlp(), loss, OPTIMIZERS[opt], feeds, target)
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", ALL_LOSSES)
 @pytest.mark.parametrize("opt", OPTIMIZERS)
 def test_float64_steps_match_trainer_to_rounding(loss, opt):
     """In float64 the step model in onnxruntime and the Trainer agree to the last bits: the
