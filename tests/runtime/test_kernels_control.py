@@ -294,10 +294,10 @@ def test_subgraph_is_compiled_once():
 
 
 def test_loop_without_trip_count_or_condition_is_refused():
-    model, _ = while_loop(None, 1.0)
+    model, feeds = while_loop(None, 1.0)
     model.graph.node[0].input[1] = ""
     with pytest.raises(ExecutionError, match="never ends"):
-        Session(model)
+        Session(model).run(None, feeds)
 
 
 def test_failing_body_node_is_named():
