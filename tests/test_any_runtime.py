@@ -20,7 +20,7 @@ import onnx
 import pytest
 
 import onnxgrad
-from onnxgrad import Session, Trainer, gradient_model
+from onnxgrad import Session, Trainer, check, gradient_model
 from onnxgrad.optim import SGD, Adam
 from onnxgrad.train.losses import append_loss
 from onnxgrad.train.step import StepLayout, build_step_model, initial_state
@@ -144,3 +144,43 @@ def test_session_backends_agree(models, name):
     b = Session(source, backend="onnxruntime").run(None, feeds)
     for x, y in zip(a, b):
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+
+
+# The real-model corpus (tools/make_corpus.py): every model whose loss path is default-domain.
+
+
+def _corpus_params():
+    from tests import test_corpus
+
+    return test_corpus._params(test_corpus.TRAINABLE, test_corpus.SLOW_STEPS)
+
+
+@pytest.mark.parametrize("name", _corpus_params())
+def test_corpus_gradient_models_run_anywhere(name):
+    from tests import test_corpus as corpus
+
+    case = corpus.case_for(name)
+    model = onnxgrad.load(corpus.prepared(case))
+    output = case.manifest["loss"]["output"]
+    needed, _ = check.only_for(model, [output])
+    if corpus.foreign_ops(needed) or any(
+        n.domain not in ("", "ai.onnx") for n in needed.graph.node
+    ):
+        pytest.skip(f"'{name}': ops outside the default domain on the loss's path")
+    wrt = corpus.choose(corpus.trainable_of(case, model))
+    grads = gradient_model(model, wrt=wrt, loss=output)
+    # The forward part stays as the model has it (an ai.onnx.ml label head off the loss's
+    # path included); what onnxgrad appends is default-domain only.
+    onnx.checker.check_model(grads, full_check=True)
+    appended = grads.graph.node[len(model.graph.node) :]
+    assert appended and {n.domain for n in appended} <= {"", "ai.onnx"}
+    feeds = case.inputs()
+    (y,) = Session(model).run([output], feeds)
+    upstream = np.random.default_rng(2).standard_normal(y.shape).astype(y.dtype)
+    names = [output, *(f"{w}_grad" for w in wrt)]
+    run = {**feeds, f"{output}_grad": upstream}
+    ours = Session(grads).run(names, run)
+    theirs = ort_session(grads).run(names, run)
+    for out, a, b in zip(names, ours, theirs):
+        scale = max(1.0, float(np.max(np.abs(b), initial=0.0)))
+        np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL * scale, err_msg=f"{name}: {out}")
