@@ -97,14 +97,18 @@ def load(
             first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise ModelLoadError(f"{_describe(source)} fails the ONNX checker: {first}") from err
 
-    # 2. Inline local functions so every stage sees plain nodes.
+    # 2. A negative size is an unknown one: paddle2onnx writes -1 for a dynamic dimension,
+    #    which onnxruntime reads so and the ONNX spec leaves undefined.
+    _unknown_negative_dims(model.graph)
+
+    # 3. Inline local functions so every stage sees plain nodes.
     if model.functions:
         try:
             model = onnx.inliner.inline_local_functions(model)
         except Exception as err:  # noqa: BLE001 - onnx raises bare RuntimeErrors from C++ here
             raise ModelLoadError(f"cannot inline the local functions of {_describe(source)}: {err}")
 
-    # 3. One canonical opset, where the converter can. What opset 6 meant by a PRelu
+    # 4. One canonical opset, where the converter can. What opset 6 meant by a PRelu
     #    slope is made explicit first: the converter keeps it as written. A model that
     #    imports no default-domain opset (ai.onnx.ml ops only) has nothing to convert.
     opset = opset_of(model)
@@ -113,10 +117,10 @@ def load(
     if convert and 0 < opset < CANONICAL_OPSET:
         model = _convert(model, opset, source)
 
-    # 4. Names for every node, for error messages and gradient naming.
+    # 5. Names for every node, for error messages and gradient naming.
     name_nodes(model.graph)
 
-    # 5. Shapes and types of every tensor, as far as onnx can tell.
+    # 6. Shapes and types of every tensor, as far as onnx can tell.
     if infer_shapes:
         try:
             model = onnx.shape_inference.infer_shapes(model, data_prop=True)
@@ -127,6 +131,15 @@ def load(
                 "shape inference failed on %s (%s); continuing without it", _describe(source), err
             )
     return model
+
+
+def _unknown_negative_dims(graph: onnx.GraphProto) -> None:
+    """Clear every negative dim_value of the graph's declared values, leaving the size unknown."""
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if vi.type.HasField("tensor_type"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.ClearField("dim_value")
 
 
 def read(source: Source) -> onnx.ModelProto:

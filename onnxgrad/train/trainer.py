@@ -166,6 +166,7 @@ class Trainer:
         }
         self._buffer_outputs = [self.modes.running[name] for name in self._buffers]
         self._input_types = _input_types(self.forward_model)
+        self._fixed_first = _fixed_first_dims(self.forward_model)
         self._target_type = None
         if self.target_name is not None:
             self._target_type = next(
@@ -330,7 +331,7 @@ class Trainer:
         if self.accumulate == 1:
             self._apply(grads)
         else:
-            n = datalib.num_samples(feeds)
+            n = self._samples(feeds)
             for name, grad in grads.items():
                 weighted = np.asarray(grad, dtype=np.float64) * float(n)
                 if name in self._pending:
@@ -736,8 +737,13 @@ class Trainer:
                 f"'{self.target_name}' in an .npz file)"
             )
         feeds[self.target_name] = self._conform_target(np.asarray(targets))
-        datalib.num_samples(feeds)
+        self._samples(feeds)  # inputs and targets agree on the batch size
         return feeds
+
+    def _samples(self, feeds: Mapping[str, np.ndarray]) -> int:
+        """The batch size of a step's feeds; an input whose first dimension the model fixes
+        (a recurrent state laid out [directions, batch, hidden]) is not batched."""
+        return datalib.num_samples({k: v for k, v in feeds.items() if k not in self._fixed_first})
 
     def _conform_target(self, value: np.ndarray) -> np.ndarray:
         declared = self._target_type
@@ -925,6 +931,16 @@ def _input_types(model: onnx.ModelProto) -> dict[str, np.dtype | None]:
     for vi in graph_inputs(model):
         elem = vi.type.tensor_type.elem_type
         out[vi.name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem)) if elem else None
+    return out
+
+
+def _fixed_first_dims(model: onnx.ModelProto) -> set[str]:
+    """The graph inputs whose first dimension is a fixed number, not a batch size."""
+    out = set()
+    for vi in graph_inputs(model):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") and tt.shape.dim and tt.shape.dim[0].HasField("dim_value"):
+            out.add(vi.name)
     return out
 
 

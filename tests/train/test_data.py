@@ -80,6 +80,18 @@ def test_batches_cover_every_sample_once():
     assert sizes == [4, 4, 2] and num_batches(10, 4) == 3
 
 
+def test_scalar_inputs_go_whole_to_every_batch():
+    rate = np.array(16000, np.int64)  # Silero VAD's sample rate: a 0-d input
+    inputs = {"x": np.arange(5), "sr": rate}
+    got = list(batches(inputs, np.arange(5), 2))
+    assert [len(b["x"]) for b, _ in got] == [2, 2, 1]
+    assert all(b["sr"] is rate for b, _ in got)
+    (train, _), (val, _) = split(inputs, np.arange(5), 0.4)
+    assert train["sr"] is rate and val["sr"] is rate and len(val["x"]) == 2
+    with pytest.raises(DataError, match="every input is a scalar"):
+        list(batches({"sr": rate}, None, 2))
+
+
 def test_batches_in_order_and_reproducible():
     inputs = {"x": np.arange(7)}
     ordered = [b["x"].tolist() for b, _ in batches(inputs, None, 3)]

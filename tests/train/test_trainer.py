@@ -371,3 +371,31 @@ def test_export_training_model(tmp_path):
     )
     for a, b in zip(theirs, ours):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_inputs_with_a_fixed_first_dimension_are_not_batched():
+    # A recurrent state laid out [directions, batch, hidden] beside a batch-first input.
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["h", "axis0"], ["hs"], keepdims=0),
+            helper.make_node("Add", ["x", "hs"], ["xh"]),
+            helper.make_node("Mul", ["xh", "w"], ["y"]),
+        ],
+        "state",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, "N", 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [
+            numpy_helper.from_array(np.ones(3, np.float32), "w"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    trainer = Trainer(model, loss="mse", optimizer=SGD(0.1))
+    feeds = {"x": np.ones((4, 3), np.float32), "h": np.zeros((2, 4, 3), np.float32)}
+    losses = [trainer.step(feeds, np.zeros((4, 3), np.float32)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    with pytest.raises(DataError, match="disagree on the number of samples"):
+        trainer.step(feeds, np.zeros((5, 3), np.float32))
