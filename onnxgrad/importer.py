@@ -212,12 +212,20 @@ def trainable_parameters(model: onnx.ModelProto) -> list[str]:
     A parameter is a floating-point initializer of rank 1 or more that some node reads at a
     position holding data (not configuration such as Resize scales, Clip bounds, or
     BatchNormalization's running statistics). Rank-0 floats are exporter constants (the
-    1.0 of `1 - x`, the sqrt(2) of GELU), never weights.
+    1.0 of `1 - x`, the sqrt(2) of GELU), never weights. Reads inside the bodies of If,
+    Loop and Scan count too: exporters put whole networks in an If branch.
     """
     consumers: dict[str, list[tuple[str, int]]] = {}
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node.op_type, i))
+
+    def collect(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                consumers.setdefault(name, []).append((node.op_type, i))
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    collect(sub)
+
+    collect(model.graph)
     params = []
     for t in model.graph.initializer:
         if t.data_type not in FLOAT_TYPES or len(t.dims) == 0:

@@ -209,3 +209,38 @@ def test_parameters_exclude_constants_and_statistics():
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert trainable_parameters(model) == ["w", "scale", "bias"]
+
+
+def test_parameters_read_inside_if_branches_are_found():
+    # y = If(c, then: x·w, else: x + b): w and b are read only inside the branches.
+    def branch(op, weight, name):
+        return helper.make_graph(
+            [helper.make_node(op, ["x", weight], [f"{name}_y"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [2, 3])],
+        )
+
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "If",
+                ["c"],
+                ["y"],
+                then_branch=branch("Mul", "w", "then"),
+                else_branch=branch("Add", "b", "else"),
+            )
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [
+            numpy_helper.from_array(np.full(3, 2.0, np.float32), "w"),
+            numpy_helper.from_array(np.ones(3, np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert trainable_parameters(model) == ["w", "b"]
