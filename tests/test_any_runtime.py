@@ -181,6 +181,9 @@ def test_corpus_gradient_models_run_anywhere(name):
     run = {**feeds, f"{output}_grad": upstream}
     ours = Session(grads).run(names, run)
     theirs = ort_session(grads).run(names, run)
+    # float32 through deep real networks (PaddleOCR's recognizer has dozens of layers): on
+    # top of the suite's absolute floor, rounding relative to each gradient's largest entry.
     for out, a, b in zip(names, ours, theirs):
-        scale = max(1.0, float(np.max(np.abs(b), initial=0.0)))
-        np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL * scale, err_msg=f"{name}: {out}")
+        scale = float(np.max(np.abs(b), initial=0.0))
+        atol = ATOL * max(1.0, scale) + RTOL * scale
+        np.testing.assert_allclose(b, a, rtol=RTOL, atol=atol, err_msg=f"{name}: {out}")
