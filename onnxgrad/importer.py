@@ -397,6 +397,11 @@ def _shape_ml_outputs(model: onnx.ModelProto) -> bool:
 def _convert(model: onnx.ModelProto, opset: int, source: Source) -> onnx.ModelProto:
     try:
         converted = onnx.version_converter.convert_version(model, CANONICAL_OPSET)
+        # The converter leaves the IR version as it was; the new opset needs a newer one
+        # (what later stages write, such as TrainingInfoProto, checks it). Initializers
+        # that an IR < 4 model lists as inputs stay listed: overridable inputs.
+        needed = helper.find_min_ir_version_for(list(converted.opset_import), True)
+        converted.ir_version = max(converted.ir_version, needed)
         # The converter can write invalid models (float32 constants beside float64 inputs);
         # only a full check with type inference catches that.
         onnx.checker.check_model(converted, full_check=True)

@@ -507,7 +507,12 @@ def _assemble(
     new_inputs.append(helper.make_tensor_value_info(LR, onnx.TensorProto.DOUBLE, []))
     new_inits.append(numpy_helper.from_array(np.array(optimizer.lr, np.float64), LR))
 
-    graph.input.extend(new_inputs)
+    # Models below IR 4 already list their initializers, parameters included, as inputs:
+    # those entries give way to the convention's order.
+    renamed = {i.name for i in new_inputs}
+    kept = [i for i in graph.input if i.name not in renamed]
+    del graph.input[:]
+    graph.input.extend(kept + new_inputs)
     if defaults:
         graph.initializer.extend(new_inits)
     else:
