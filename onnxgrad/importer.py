@@ -88,6 +88,15 @@ def load(
         ModelLoadError: the file is missing, malformed, truncated or fails the checker.
     """
     model = read(source)
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size >= 2**31 - 2**20:  # the protobuf around the weights needs some room too
+        # TODO: keep the weights of such models outside the protobuf (memory-mapped), so that
+        # checking, shape inference and the gradient graph never serialize them.
+        raise ModelLoadError(
+            f"{_describe(source)} is {size / 2**30:.1f} GB with its external data loaded; "
+            "onnxgrad holds a model as one protobuf, which cannot exceed 2 GB: models this "
+            "large are not supported yet"
+        )
 
     # 1. Check the model as it came, so errors name what the user wrote.
     if check:

@@ -244,3 +244,25 @@ def test_parameters_read_inside_if_branches_are_found():
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert trainable_parameters(model) == ["w", "b"]
+
+
+@pytest.mark.slow
+def test_a_model_over_2_gb_is_refused_in_one_line(tmp_path):
+    # 23,200² float32 weights in external data: 2.15 GB, past what one protobuf can hold.
+    n = 23_200
+    np.zeros((n, n), np.float32).tofile(tmp_path / "w.bin")
+    w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[n, n])
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(n * n * 4))):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+        [w],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "big.onnx")
+    with pytest.raises(ModelLoadError, match=r"2\.0 GB .* cannot exceed 2 GB"):
+        load(tmp_path / "big.onnx")
