@@ -168,8 +168,9 @@ def _corpus_params():
     return test_corpus._params(test_corpus.TRAINABLE, test_corpus.SLOW_STEPS)
 
 
-@pytest.mark.parametrize("name", _corpus_params())
-def test_corpus_gradient_models_run_anywhere(name):
+def corpus_model(name: str):
+    """(model, its loss output, a few parameters, feeds) of a corpus model whose loss path
+    is default-domain only; a skip otherwise, or when the model is not built."""
     from tests import test_corpus as corpus
 
     case = corpus.case_for(name)
@@ -180,14 +181,18 @@ def test_corpus_gradient_models_run_anywhere(name):
         n.domain not in ("", "ai.onnx") for n in needed.graph.node
     ):
         pytest.skip(f"'{name}': ops outside the default domain on the loss's path")
-    wrt = corpus.choose(corpus.trainable_of(case, model))
+    return model, output, corpus.choose(corpus.trainable_of(case, model)), case.inputs()
+
+
+@pytest.mark.parametrize("name", _corpus_params())
+def test_corpus_gradient_models_run_anywhere(name):
+    model, output, wrt, feeds = corpus_model(name)
     grads = gradient_model(model, wrt=wrt, loss=output)
     # The forward part stays as the model has it (an ai.onnx.ml label head off the loss's
     # path included); what onnxgrad appends is default-domain only.
     onnx.checker.check_model(grads, full_check=True)
     appended = grads.graph.node[len(model.graph.node) :]
     assert appended and {n.domain for n in appended} <= {"", "ai.onnx"}
-    feeds = case.inputs()
     (y,) = Session(model).run([output], feeds)
     upstream = np.random.default_rng(2).standard_normal(y.shape).astype(y.dtype)
     names = [output, *(f"{w}_grad" for w in wrt)]
@@ -200,18 +205,7 @@ def test_corpus_gradient_models_run_anywhere(name):
 
 @pytest.mark.parametrize("name", _corpus_params())
 def test_corpus_step_models_run_anywhere(name):
-    from tests import test_corpus as corpus
-
-    case = corpus.case_for(name)
-    model = onnxgrad.load(corpus.prepared(case))
-    output = case.manifest["loss"]["output"]
-    needed, _ = check.only_for(model, [output])
-    if corpus.foreign_ops(needed) or any(
-        n.domain not in ("", "ai.onnx") for n in needed.graph.node
-    ):
-        pytest.skip(f"'{name}': ops outside the default domain on the loss's path")
-    wrt = corpus.choose(corpus.trainable_of(case, model))
-    feeds = case.inputs()
+    model, output, wrt, feeds = corpus_model(name)
     (y,) = Session(model).run([output], feeds)
     target = np.random.default_rng(3).standard_normal(y.shape).astype(y.dtype)
     step = build_step_model(model, "mse", Adam(1e-3, eps=1e-3), trainable=wrt, output=output)

@@ -644,22 +644,21 @@ def make_bert(folder: Path) -> dict:
 
 def make_bert_dynamo(folder: Path) -> dict:
     """Tiny BERT through the dynamo exporter (opset 18)."""
-    module, args = _bert()
-    path = folder / "model.onnx"
-    _quiet_export(module, args, path, dynamo=True, opset_version=18, **_BERT_IO)
-    np.savez(folder / "data.npz", **_bert_data(module, args))
-    made = _transformers_made("dynamo=True, opset_version=18")
-    return _bert_manifest(onnx.load(path), "hf_bert_tiny_dynamo", made)
+    return _bert_dynamo(folder, 18, "hf_bert_tiny_dynamo")
 
 
 def make_bert_opset23(folder: Path) -> dict:
     """Tiny BERT through the dynamo exporter at opset 23, the newest it writes."""
+    return _bert_dynamo(folder, 23, "hf_bert_tiny_dynamo_opset23")
+
+
+def _bert_dynamo(folder: Path, opset: int, name: str) -> dict:
     module, args = _bert()
     path = folder / "model.onnx"
-    _quiet_export(module, args, path, dynamo=True, opset_version=23, **_BERT_IO)
+    _quiet_export(module, args, path, dynamo=True, opset_version=opset, **_BERT_IO)
     np.savez(folder / "data.npz", **_bert_data(module, args))
-    made = _transformers_made("dynamo=True, opset_version=23")
-    return _bert_manifest(onnx.load(path), "hf_bert_tiny_dynamo_opset23", made)
+    made = _transformers_made(f"dynamo=True, opset_version={opset}")
+    return _bert_manifest(onnx.load(path), name, made)
 
 
 def make_bert_opset11(folder: Path) -> dict:
