@@ -81,7 +81,8 @@ def sample_taps(x: np.ndarray, positions: np.ndarray, offset_group: int) -> np.n
 
 @kernel("DeformConv")
 def deform_conv(node: KernelNode):
-    """Y[m, o] = Σ_c Σ_k W[m, c, k] · mask[k, o] · X[c, o·s − pad + k·d + offset[k, o]] + B[m].
+    """Y[m, o] = Σ_c Σ_k W[m, c, k] · mask[k, o] · X[c, o·s − pad + k·d + offset[k, o]]
+    + B[m].
 
     X is read between pixels by multilinear interpolation, and as zero outside the
     unpadded input.

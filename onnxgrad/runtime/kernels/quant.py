@@ -270,7 +270,10 @@ def qlinear_matmul(node: KernelNode):
 
 @kernel("ConvInteger")
 def conv_integer(node: KernelNode):
-    """Y = (X − x_zero_point) ⋆ (W − w_zero_point), accumulated in int32; pads hold x_zero_point."""
+    """Y = (X − x_zero_point) ⋆ (W − w_zero_point), accumulated in int32.
+
+    Pads hold x_zero_point.
+    """
     float_conv = conv(node)
 
     def run(x, w, x_zero_point=None, w_zero_point=None):
@@ -284,8 +287,8 @@ def conv_integer(node: KernelNode):
 
 @kernel("QLinearConv")
 def qlinear_conv(node: KernelNode):
-    """y = saturate(round(((x − x_zp) ⋆ (w − w_zp) + B) · x_scale · w_scale / y_scale) + y_zp),
-    with B an int32 bias in units of x_scale · w_scale."""
+    """y = saturate(round(((x − x_zp) ⋆ (w − w_zp) + B) · x_scale · w_scale / y_scale)
+    + y_zp), with B an int32 bias in units of x_scale · w_scale."""
     float_conv = conv(node)
 
     def run(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias=None):
