@@ -46,13 +46,14 @@ from onnxgrad.importer import (
     graph_inputs,
     load,
     name_nodes,
+    op_label,
     opset_of,
     read,
     trainable_parameters,
 )
 from onnxgrad.runtime import kernels as kernel_registry
 from onnxgrad.runtime.kernels import KernelNode
-from onnxgrad.runtime.plan import outer_names
+from onnxgrad.runtime.plan import needed_nodes, outer_names, reads
 from onnxgrad.runtime.session import Session
 
 logger = logging.getLogger(__name__)
@@ -707,14 +708,10 @@ def only_for(
     Returns:
         (the copy, the nodes left out, in graph order).
     """
-    wanted = set(outputs)
-    needed = set()
-    for k in range(len(model.graph.node) - 1, -1, -1):
-        node = model.graph.node[k]
-        if any(o in wanted for o in node.output):
-            needed.add(k)
-            wanted.update(i for i in node.input if i)
-            wanted.update(outer_names(node))
+    nodes = list(model.graph.node)  # one wrapper per node, so identities hold below
+    kept = {id(n) for n in needed_nodes(nodes, outputs)}
+    needed = {k for k, n in enumerate(nodes) if id(n) in kept}
+    wanted = set(outputs) | {name for k in needed for name in reads(nodes[k]) if name}
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -739,7 +736,7 @@ def _off_path_notes(dropped: Sequence[onnx.NodeProto], loss: Sequence[str]) -> l
     missing = [n for n in dropped if kernel_registry.lookup(n.op_type, n.domain) is None]
     if not missing:
         return []
-    ops = ", ".join(f"{_op_text(n)} node '{n.name}'" for n in missing)
+    ops = ", ".join(f"{op_label(n)} node '{n.name}'" for n in missing)
     note = (
         f"{len(missing)} node(s) that the loss ({', '.join(loss)}) does not need have no numpy "
         f"kernel: {ops}; they are left out of the check (the onnxruntime backend runs them)"
@@ -875,7 +872,7 @@ def _describe_outputs(model: onnx.ModelProto, names: Sequence[str]) -> str:
         text = f"'{name}' is {_type_name(types[name])}"
         node = makers.get(name)
         if node is not None:
-            text += f" (made by {_op_text(node)} node '{node.name}'"
+            text += f" (made by {op_label(node)} node '{node.name}'"
             reads = [i for i in node.input if i]
             text += f" from '{reads[0]}')" if reads else ")"
         parts.append(text)
@@ -1483,11 +1480,6 @@ def _table(rows: list[tuple[str, ...]]) -> list[str]:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
-
-
-def _op_text(node: onnx.NodeProto) -> str:
-    """The op type, prefixed by its domain outside ai.onnx."""
-    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
 
 
 def _where(node: onnx.NodeProto, opset: int) -> dict:

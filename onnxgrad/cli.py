@@ -991,7 +991,14 @@ def _cmd_ops(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from onnxgrad.check import constant_weights
-    from onnxgrad.importer import graph_inputs, load, opset_of, read, trainable_parameters
+    from onnxgrad.importer import (
+        graph_inputs,
+        load,
+        op_label,
+        opset_of,
+        read,
+        trainable_parameters,
+    )
 
     original = read(args.model)
     model = load(args.model)
@@ -1038,7 +1045,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("weights held in Constant/ConstantOfShape nodes: none")
 
     # 4. Op types.
-    ops = Counter(_op_name(n) for n in graph.node)
+    ops = Counter(op_label(n) for n in graph.node)
     print(f"ops: {len(graph.node)} node(s), {len(ops)} type(s)")
     for op, count in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {op:<24} {count:>5}")
@@ -1048,7 +1055,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if missing:
         print(f"missing gradient rules: {len(missing)} node(s) on the path to the outputs")
         for node in missing:
-            print(f"  {_op_name(node):<24} node '{node.name}'")
+            print(f"  {op_label(node):<24} node '{node.name}'")
     else:
         print("missing gradient rules: none (every op on the path to the outputs has one)")
     return 0
@@ -1085,11 +1092,6 @@ def _missing_rules(model: onnx.ModelProto, params: Sequence[str]) -> list[onnx.N
         for n in reversed(on_path)
         if any(i in reached for i in n.input if i) and lookup(n.op_type, n.domain) is None
     ]
-
-
-def _op_name(node: onnx.NodeProto) -> str:
-    domain = node.domain if node.domain not in ("", "ai.onnx") else ""
-    return f"{domain}::{node.op_type}" if domain else node.op_type
 
 
 def _type_text(tp: onnx.TypeProto) -> str:

@@ -247,6 +247,13 @@ def trainable_parameters(model: onnx.ModelProto) -> list[str]:
     return params
 
 
+def op_label(node: onnx.NodeProto) -> str:
+    """The node's op type as messages name it: prefixed by its domain outside ai.onnx."""
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type
+    return f"{node.domain}::{node.op_type}"
+
+
 def attributes(node: onnx.NodeProto) -> dict[str, Any]:
     """Attribute values of a node: strings decoded, tensors as numpy arrays."""
     out: dict[str, Any] = {}

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxgrad.errors import ExecutionError
-from onnxgrad.importer import attributes, graph_inputs, load, opset_of
+from onnxgrad.importer import attributes, graph_inputs, load, op_label, opset_of
 from onnxgrad.runtime import kernels as registry
 from onnxgrad.runtime.kernels import KernelNode
 from onnxgrad.runtime.plan import Plan, needed_nodes, outer_names, topological_order
@@ -115,7 +115,7 @@ class _NumpySession:
         for node in self.nodes:
             factory = registry.lookup(node.op_type, node.domain)
             opset = opset_of(self.model, node.domain)
-            op = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+            op = op_label(node)
             if factory is None:
                 missing[node.name] = f"{op} (node '{node.name}', opset {opset})"
                 continue
