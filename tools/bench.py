@@ -204,18 +204,15 @@ def torch_step(w: Workload) -> Callable[[], float]:
 def onnxgrad_step(w: Workload, backend: str = "numpy", threads: int = 1) -> Callable[[], float]:
     """A closure running one onnxgrad training step on the workload's batch.
 
-    With backend="onnxruntime" the training graph's InferenceSession is rebuilt once with
-    `threads` intra-op threads (the Trainer leaves onnxruntime's default, every core), so
-    that it is compared with PyTorch at the same thread count.
+    With backend="onnxruntime" its InferenceSession gets `threads` intra-op threads, so that
+    it is compared with PyTorch at the same thread count.
     """
     import onnxgrad
     from onnxgrad.optim import SGD
 
-    trainer = onnxgrad.Trainer(w.onnx_bytes, loss=w.loss, optimizer=SGD(LR), backend=backend)
-    if backend == "onnxruntime":
-        trainer._session = onnxgrad.Session(
-            trainer.training_graph, backend="onnxruntime", threads=threads
-        )
+    trainer = onnxgrad.Trainer(
+        w.onnx_bytes, loss=w.loss, optimizer=SGD(LR), backend=backend, threads=threads
+    )
     return lambda: trainer.step(w.x, w.target)
 
 

@@ -72,6 +72,7 @@ class Trainer:
             predicate on parameter names. Everything else is frozen: not differentiated.
         output: the output the loss reads (and `predict` returns) when there are several.
         backend: the Session backend, "numpy" or "onnxruntime".
+        threads: onnxruntime's intra-op threads (None: its default); see `Session`.
         train_after: a node name: train only the parameters that are read by nodes
             downstream of that node alone (not by the node itself or anything before it).
             Combined with `trainable`, both must select a parameter.
@@ -103,6 +104,7 @@ class Trainer:
         *,
         output: str | None = None,
         backend: str = "numpy",
+        threads: int | None = None,
         train_after: str | None = None,
         batchnorm: str = "frozen",
         dropout: bool = False,
@@ -118,6 +120,7 @@ class Trainer:
         self._source = _keep(model)
         self.forward_model = load(model)
         self.backend = backend
+        self.threads = threads
         outputs = [o.name for o in self.forward_model.graph.output]
 
         # 2. The loss: appended to an output, or one the model already computes.
@@ -149,7 +152,7 @@ class Trainer:
         self.trainable = _select(self.forward_model, trainable, train_after)
         self.training_graph = gradient_model(train_model, wrt=self.trainable, loss=self.loss_name)
         self._grad_names = [f"{name}{GRAD_SUFFIX}" for name in self.trainable]
-        self._session = Session(self.training_graph, backend=backend)
+        self._session = Session(self.training_graph, backend=backend, threads=threads)
         if backend == "numpy":
             # Every step allocates and frees the same arrays: let malloc keep them for reuse
             # (process-wide; ONNXGRAD_MALLOC=default opts out).
@@ -643,7 +646,9 @@ class Trainer:
             session = self._session  # the training graph is already in inference mode
         else:
             if self._eval_session is None:
-                self._eval_session = Session(self._eval_model, backend=self.backend)
+                self._eval_session = Session(
+                    self._eval_model, backend=self.backend, threads=self.threads
+                )
             session = self._eval_session
         inputs, targets = self._unzip(feeds)
         total, seen, correct, counted = 0.0, 0, 0, 0
@@ -677,7 +682,7 @@ class Trainer:
             )
         if self._predict_session is None:
             model, _ = set_modes(self.forward_model)
-            self._predict_session = Session(model, backend=self.backend)
+            self._predict_session = Session(model, backend=self.backend, threads=self.threads)
         feeds = self._feeds(inputs, None, with_targets=False)
         results = [
             self._predict_session.run([self.output], {**batch, **self._params, **self._buffers})[0]

@@ -74,6 +74,8 @@ def test_onnxruntime_backend_takes_a_thread_count():
     session = onnxgrad.Session(model, backend="onnxruntime", threads=1)
     assert session._impl._session.get_session_options().intra_op_num_threads == 1
     np.testing.assert_allclose(session.run(None, {"x": X})[0], expected(X), rtol=1e-6)
+    trainer = onnxgrad.Trainer(model, "mse", backend="onnxruntime", threads=1)
+    assert trainer._session._impl._session.get_session_options().intra_op_num_threads == 1
 
 
 def test_constants_are_folded_and_intermediates_freed():
