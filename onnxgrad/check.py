@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1101,7 +1102,7 @@ class ConstantWeight:
 
 
 def constant_weights(model: onnx.ModelProto) -> list[ConstantWeight]:
-    """The weights of a model's main graph that Constant or ConstantOfShape nodes hold.
+    """The weights of a model that Constant or ConstantOfShape nodes hold.
 
     A Constant qualifies when it holds a finite floating-point tensor of rank 1 or more and
     at least two elements; a ConstantOfShape when its shape is a constant (an initializer or
@@ -1109,6 +1110,8 @@ def constant_weights(model: onnx.ModelProto) -> list[ConstantWeight]:
     weight position (MatMul, Gemm, Conv, Add, Mul, normalization scales and biases,
     recurrent weights), directly or through view ops (Reshape, Unsqueeze, ...) that only
     rearrange it. Nothing is computed: a ConstantOfShape's values are not materialized.
+    Nodes inside the bodies of If, Loop and Scan count too, read there or in bodies nested
+    deeper: some exporters put the whole network, weights included, in an If branch.
 
     Args:
         model: a ModelProto, at any opset.
@@ -1117,7 +1120,7 @@ def constant_weights(model: onnx.ModelProto) -> list[ConstantWeight]:
         One entry per qualifying node, in graph order (unnamed nodes named as `load`
         names them).
     """
-    return [weight for weight, _ in _constant_weight_nodes(_copy_named(model))]
+    return [weight for weight, *_ in _constant_weight_nodes(_copy_named(model))]
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -1127,7 +1130,9 @@ def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
     output name, so every reader is unchanged; a ConstantOfShape becomes a tensor of its
     shape filled with its value, and its shape tensor goes when nothing else reads it. In
     IR < 4 models, where every initializer is also a graph input, the new ones are listed
-    as inputs too.
+    as inputs too. A node inside a subgraph becomes an initializer of the main graph, which
+    the subgraph reads from its enclosing scope; its name is made unique in the model first
+    when another subgraph defines the same one.
 
     Args:
         model: a ModelProto (not modified).
@@ -1137,48 +1142,94 @@ def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
     """
     out = _copy_named(model)
     graph = out.graph
-    found = _constant_weight_nodes(out)
-    if not found:
-        return out, []
-    changes, converted, shapes = [], set(), set()
-    for weight, node in found:
-        if weight.op_type == "Constant":
-            init = onnx.TensorProto()
-            init.CopyFrom(_constant_tensor(node))
-            init.name = weight.name
-        else:
-            fill = _fill_value(node)
-            init = numpy_helper.from_array(np.full(weight.shape, fill, fill.dtype), weight.name)
-            shapes.add(node.input[0])
-        graph.initializer.append(init)
-        if out.ir_version < 4:
-            graph.input.append(
-                helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+    graphs = list(_all_graphs(graph))
+    shapes = _constant_shapes(out)
+    defined = Counter(name for g in graphs for name in _defined(g))
+    taken = set(defined)
+    changes: dict[int, list[str]] = {}
+    # Deepest bodies first: rewriting a graph's node list copies the bodies inside it.
+    for order, home in reversed(list(enumerate(graphs))):
+        converted, fills = set(), set()
+        for weight, node, _ in _constant_weights_in(home, shapes):
+            name = weight.name
+            if home is not graph and defined[name] > 1:
+                name = _fresh(f"{name}__{home.name}", taken)
+                _rename_reads(home, weight.name, name)
+            if weight.op_type == "Constant":
+                init = onnx.TensorProto()
+                init.CopyFrom(_constant_tensor(node))
+                init.name = name
+            else:
+                fill = _fill_value(node)
+                init = numpy_helper.from_array(np.full(weight.shape, fill, fill.dtype), name)
+                fills.add(node.input[0])
+            graph.initializer.append(init)
+            if out.ir_version < 4:
+                graph.input.append(
+                    helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                )
+            converted.add(weight.name)
+            reader_op, reader = weight.reader
+            changes.setdefault(order, []).append(
+                f"{weight.op_type} node '{weight.node}' holds a {list(weight.shape)} weight read "
+                f"by {reader_op} node '{reader}': now initializer '{name}', a trainable parameter"
             )
-        converted.add(node.name)
-        reader_op, reader = weight.reader
-        changes.append(
-            f"{weight.op_type} node '{weight.node}' holds a {list(weight.shape)} weight read by "
-            f"{reader_op} node '{reader}': now initializer '{weight.name}', a trainable "
-            "parameter"
-        )
-    keep = [n for n in graph.node if n.name not in converted]
-    del graph.node[:]
-    graph.node.extend(keep)
-    _drop_unused(graph, shapes)
-    return out, changes
+        if converted:
+            keep = [n for n in home.node if not (n.output and n.output[0] in converted)]
+            del home.node[:]
+            home.node.extend(keep)
+            _drop_unused(home, fills)
+    return out, [line for k in sorted(changes) for line in changes[k]]
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A graph, then every If, Loop and Scan body inside it, depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _all_graphs(sub)
+
+
+def _defined(graph: onnx.GraphProto) -> list[str]:
+    """The names a graph itself defines: inputs, initializers, node outputs."""
+    names = [i.name for i in graph.input] + [t.name for t in graph.initializer]
+    return names + [o for n in graph.node for o in n.output if o]
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Make every read of `old` in `graph`, and in bodies that do not redefine it, read `new`."""
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                if old not in _defined(sub):
+                    _rename_reads(sub, old, new)
+    for output in graph.output:
+        if output.name == old:
+            output.name = new
 
 
 def _constant_weight_nodes(
     model: onnx.ModelProto,
-) -> list[tuple[ConstantWeight, onnx.NodeProto]]:
-    """`constant_weights`, each with its node."""
-    graph = model.graph
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, k))
+) -> list[tuple[ConstantWeight, onnx.NodeProto, onnx.GraphProto]]:
+    """`constant_weights`, each with its node and the graph that holds the node."""
     shapes = _constant_shapes(model)
+    found = []
+    for graph in _all_graphs(model.graph):
+        found += _constant_weights_in(graph, shapes)
+    return found
+
+
+def _constant_weights_in(
+    graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]]
+) -> list[tuple[ConstantWeight, onnx.NodeProto, onnx.GraphProto]]:
+    """The qualifying nodes of one graph, read there or in the bodies nested in it."""
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for g in _all_graphs(graph):
+        for node in g.node:
+            for k, name in enumerate(node.input):
+                readers.setdefault(name, []).append((node, k))
     found = []
     for node in graph.node:
         if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
@@ -1203,9 +1254,14 @@ def _constant_weight_nodes(
         reader = _weight_reader(node.output[0], readers)
         if reader is not None:
             weight = ConstantWeight(
-                node.output[0], node.name, node.op_type, shape, dtype, (reader.op_type, reader.name)
+                node.output[0],
+                node.name or node.output[0],
+                node.op_type,
+                shape,
+                dtype,
+                (reader.op_type, reader.name or reader.output[0]),
             )
-            found.append((weight, node))
+            found.append((weight, node, graph))
     return found
 
 
@@ -1218,7 +1274,7 @@ def _constant_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     graph = model.graph
     inputs = {i.name for i in graph.input} if model.ir_version >= 4 else set()
     tensors = [t for t in graph.initializer if t.name not in inputs]
-    for node in graph.node:
+    for node in (n for g in _all_graphs(graph) for n in g.node):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for attr in node.attribute:
                 if attr.name == "value":

@@ -471,6 +471,87 @@ def test_a_shape_that_a_feed_can_change_is_no_constant():
     assert "W" not in {w.name for w in check.constant_weights(model)}
 
 
+def branch_weights_model(use_first: bool) -> onnx.ModelProto:
+    """y = If(c, then: (x·W + b) with b from a nested If, else: x·W), x (2, 3) -> y (2, 2).
+
+    Both branches hold a Constant named W, with different values: lifted out, one of them
+    must be renamed. The nested If's Constant b is read inside it, two bodies down.
+    """
+    rng = np.random.default_rng(5)
+
+    def const(name: str, shape: tuple[int, ...]) -> onnx.NodeProto:
+        value = numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32))
+        return helper.make_node("Constant", [], [name], name=f"const_{name}", value=value)
+
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    nested = helper.make_graph(
+        [const("b", (2,)), helper.make_node("Add", ["xw", "b"], ["out"], name="bias")],
+        "nested",
+        [],
+        [out],
+    )
+    keep = helper.make_graph(
+        [helper.make_node("Identity", ["xw"], ["out"], name="same")], "keep", [], [out]
+    )
+    then = helper.make_graph(
+        [
+            const("W", (3, 2)),
+            helper.make_node("MatMul", ["x", "W"], ["xw"], name="then_mm"),
+            helper.make_node(
+                "If", ["c"], ["out"], name="inner", then_branch=nested, else_branch=keep
+            ),
+        ],
+        "then",
+        [],
+        [out],
+    )
+    other = helper.make_graph(
+        [const("W", (3, 2)), helper.make_node("MatMul", ["x", "W"], ["out"], name="else_mm")],
+        "other",
+        [],
+        [out],
+    )
+    flag = numpy_helper.from_array(np.array(use_first), "c")
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], name="outer", then_branch=then, else_branch=other)],
+        "branches",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        [flag],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("use_first", [True, False])
+def test_constant_weights_inside_if_branches_become_parameters(tmp_path, capsys, use_first):
+    model = branch_weights_model(use_first)
+    held = check.constant_weights(model)
+    assert sorted((w.name, w.shape, w.reader) for w in held) == [
+        ("W", (3, 2), ("MatMul", "else_mm")),
+        ("W", (3, 2), ("MatMul", "then_mm")),
+        ("b", (2,), ("Add", "bias")),
+    ]
+    repaired, changes = check.constants_to_initializers(model)
+    assert len(changes) == 3 and "now initializer 'W__" in " ".join(changes)
+    names = trainable_parameters(repaired)
+    assert len(names) == 3 and len(set(names)) == 3 and "b" in names
+    assert not any(
+        n.op_type == "Constant" for g in check._all_graphs(repaired.graph) for n in g.node
+    )
+    onnx.checker.check_model(repaired, full_check=True)
+    x = np.random.default_rng(4).standard_normal((4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(run(repaired, {"x": x})[0], run(model, {"x": x})[0])
+    assert check.constants_to_initializers(repaired)[1] == []
+
+    # The gradients of the lifted weights pass the finite-difference check through both Ifs;
+    # the branch not taken gets zeros.
+    path, out = tmp_path / "branches.onnx", tmp_path / "fixed.onnx"
+    onnx.save(model, path)
+    assert main(["check", str(path), "--loss", "y", "--fix", "-o", str(out)]) == 0
+    results = result_lines(capsys.readouterr().out)
+    assert set(results) == set(names) and set(results.values()) == {"OK"}
+
+
 def test_the_light_model_zoo_graphs_get_their_weights():
     path = Path(onnx.__file__).parent / "backend/test/data/light/light_squeezenet.onnx"
     model = onnx.load(path)
