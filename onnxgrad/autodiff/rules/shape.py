@@ -240,8 +240,12 @@ def pad(b, node, dys):
     constant: dx = pad(dy, −pads) (a crop; negative pads become zero padding), and
     d value = Σ dy − Σ dx. reflect, edge, wrap: each output position is a copy of one
     input position; the rule pads a tensor of positions in the same way and scatter-adds
-    dy to where each copy came from.
+    dy to where each copy came from. Before opset 11, pads is an attribute: the constant
+    crop is then one Slice (and a Pad of the negative pads' zeros), written as that opset
+    writes them.
     """
+    if b.opset < 11 and node.attrs.get("mode", "constant") == "constant":
+        return [_unpad_attribute(b, node, dys[0])]
     need_opset(b, node, 11, "Pad with pads as an input")
     x, pads = node.input[:2]
     dy = dys[0]
@@ -258,6 +262,29 @@ def pad(b, node, dys):
     need_opset(b, node, 16, "ScatterElements with reduction='add'")
     source = b.Pad(positions(b, x), pads, *axes, mode=mode)
     return [flat_scatter(b, x, source, dy)] + [None] * (len(node.input) - 1)
+
+
+def _unpad_attribute(b, node, dy: str) -> str:
+    """dx for a constant Pad of opset 2 to 10, whose pads (begins, then ends) are an attribute.
+
+    Positive pads are cropped from dy by one Slice (attributes before opset 10, inputs at
+    10); negative ones removed input rows that get zero gradient, padded back by a Pad.
+    """
+    pads = [int(v) for v in node.attrs.get("pads", node.attrs.get("paddings", []))]
+    rank = len(pads) // 2
+    begins, ends = pads[:rank], pads[rank:]
+    axes = [a for a in range(rank) if begins[a] > 0 or ends[a] > 0]
+    dx = dy
+    if axes:
+        starts = [max(begins[a], 0) for a in axes]
+        stops = [-ends[a] if ends[a] > 0 else np.iinfo(np.int64).max for a in axes]
+        if b.opset < 10:
+            dx = b.Slice(dy, starts=starts, ends=stops, axes=axes)
+        else:
+            dx = b.Slice(dy, b.ints(starts), b.ints(stops), b.ints(axes))
+    if any(v < 0 for v in pads):
+        dx = b.Pad(dx, pads=[max(-v, 0) for v in pads])
+    return dx
 
 
 @rule("Tile")
