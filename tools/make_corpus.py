@@ -16,8 +16,13 @@ code.
   weights, nothing downloaded), exported with torch.onnx.export; one of them is also fused
   by onnxruntime's transformer optimizer into com.microsoft ops.
 - torch: small PyTorch models exported the old ways (opset 9, initializers as inputs).
+- tensorflow: small Keras 3 models (weights drawn here) converted by tf2onnx, NHWC
+  convolutions, attention, an LSTM and TensorFlow while loops among them. TensorFlow is too
+  large to install for CI, so these live in tests/data/: rebuild them where tensorflow and
+  tf2onnx are installed, with `--small --only tensorflow`.
 - pypi (opt-in: `--pypi`, or `--only pypi`; it needs the network): the ONNX files that
-  wheels on PyPI ship, taken out of the wheel without installing it. rapidocr-onnxruntime
+  wheels on PyPI ship, taken out of the wheel without installing it. magika carries Google's
+  file-type classifier, a Keras model converted by tf2onnx; rapidocr-onnxruntime
   carries PaddleOCR's text detector, direction classifier and recognizer, converted by
   paddle2onnx (weights in Constant nodes, -1 for dynamic sizes); silero-vad its voice
   activity detector (an STFT as a Conv, then an LSTM), exported from PyTorch, and once
@@ -283,6 +288,10 @@ def recipes() -> list[Recipe]:
         Recipe("hf_vit_tiny", "transformers", make_vit),
         Recipe("hf_llama_tiny_dynamo", "transformers", make_llama),
         Recipe("torch_cnn_opset9_inputs", "torch", make_torch_cnn_opset9, small=True),
+        Recipe("tf_keras_cnn", "tensorflow", make_keras_cnn, small=True),
+        Recipe("tf_keras_transformer", "tensorflow", make_keras_transformer, small=True),
+        Recipe("tf_keras_lstm", "tensorflow", make_keras_lstm, small=True),
+        Recipe("tf_keras_gru", "tensorflow", make_keras_gru, small=True),
     ]
     out += [Recipe(w.name, "pypi", _from_wheel(w)) for w in PYPI]
     return out
@@ -892,6 +901,158 @@ def make_torch_cnn_opset9(folder: Path) -> dict:
     )
 
 
+# TensorFlow and Keras models converted by tf2onnx.
+
+
+def _keras_convert(build, signature: list[tuple], opset: int, folder: Path):
+    """Build a Keras model, perturb its weights, convert it with tf2onnx, and save both sides.
+
+    Args:
+        build: makes the keras.Model (Keras 3 on the TensorFlow backend).
+        signature: per input, (name, shape with None for dynamic sizes, dtype, the value fed).
+        opset: the opset tf2onnx writes.
+
+    Returns:
+        The converted ModelProto, with model.onnx and data.npz (inputs, Keras's outputs under
+        the ONNX output names) written into `folder`.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        import keras
+        import tensorflow as tf
+        import tf2onnx
+
+        keras.utils.set_random_seed(SEED)
+        model = build(keras)
+        rng = np.random.default_rng(SEED)
+        for weight in model.weights:  # fresh biases are 0 and norms 1: tf2onnx folds those away
+            value = weight.numpy()
+            if "variance" in weight.path:
+                weight.assign(rng.uniform(0.5, 1.5, value.shape).astype(value.dtype))
+            else:
+                weight.assign(value + 0.1 * rng.standard_normal(value.shape).astype(value.dtype))
+        specs = [tf.TensorSpec(shape, dtype, name=n) for n, shape, dtype, _ in signature]
+        converted, _ = tf2onnx.convert.from_keras(model, input_signature=specs, opset=opset)
+        feeds = [value for *_, value in signature]
+        outputs = model(feeds if len(feeds) > 1 else feeds[0], training=False)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    data = {f"input/{n}": value for n, *_, value in signature}
+    for vi, value in zip(converted.graph.output, outputs):
+        data[f"output/{vi.name}"] = np.asarray(value)
+    _save(folder, converted, data)
+    made = f"Keras {keras.__version__} (TensorFlow {tf.__version__}) through tf2onnx "
+    made += f"{tf2onnx.__version__}: tf2onnx.convert.from_keras(opset={opset})"
+    return converted, made
+
+
+def make_keras_cnn(folder: Path) -> dict:
+    """Conv2D, BatchNormalization, pooling, depthwise and separable convolutions, NHWC."""
+
+    def build(keras):
+        layers = keras.layers
+        image = keras.Input((12, 12, 3), name="image")
+        x = layers.Conv2D(8, 3, padding="same")(image)
+        x = layers.BatchNormalization()(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D()(x)
+        x = layers.DepthwiseConv2D(3, padding="same", activation="relu6")(x)
+        x = layers.SeparableConv2D(8, 3, strides=2, activation="swish")(x)
+        x = layers.GlobalAveragePooling2D()(x)
+        x = layers.Dropout(0.2)(x)
+        return keras.Model(image, layers.Dense(5, activation="softmax", name="probs")(x))
+
+    image = np.random.default_rng(SEED).standard_normal((4, 12, 12, 3)).astype(np.float32)
+    model, made = _keras_convert(
+        build, [("image", (None, 12, 12, 3), "float32", image)], 13, folder
+    )
+    return _manifest(
+        model,
+        "tf_keras_cnn",
+        source="tensorflow",
+        origin="tools/make_corpus.py: Conv2D-BatchNorm-MaxPool-DepthwiseConv2D-SeparableConv2D",
+        made=made,
+        loss={"kind": "mse", "output": model.graph.output[0].name},
+    )
+
+
+def make_keras_transformer(folder: Path) -> dict:
+    """One encoder block: MultiHeadAttention, LayerNormalization, a tanh-GELU feed-forward."""
+
+    def build(keras):
+        layers = keras.layers
+        x = keras.Input((10, 8), name="x")
+        h = layers.Dense(16)(x)
+        h = layers.LayerNormalization()(h + layers.MultiHeadAttention(2, 8)(h, h))
+        gelu = keras.activations.gelu  # the exact GELU is Erfc in TensorFlow; tf2onnx lacks it
+        f = layers.Dense(32, activation=lambda v: gelu(v, approximate=True))(h)
+        h = layers.LayerNormalization()(h + layers.Dense(16)(f))
+        y = layers.Dense(4, name="y")(layers.GlobalAveragePooling1D()(h))
+        return keras.Model(x, y)
+
+    x = np.random.default_rng(SEED).standard_normal((3, 10, 8)).astype(np.float32)
+    model, made = _keras_convert(
+        build, [("x", (None, 10, 8), "float32", x)], 17, folder
+    )
+    return _manifest(
+        model,
+        "tf_keras_transformer",
+        source="tensorflow",
+        origin="tools/make_corpus.py: Dense, MultiHeadAttention, LayerNormalization, GELU",
+        made=made,
+        loss={"kind": "mse", "output": model.graph.output[0].name},
+    )
+
+
+def make_keras_lstm(folder: Path) -> dict:
+    """Embedding, then an LSTM over a dynamic number of tokens (tf2onnx writes an LSTM op)."""
+
+    def build(keras):
+        layers = keras.layers
+        tokens = keras.Input((None,), dtype="int32", name="tokens")
+        x = layers.Embedding(40, 8)(tokens)
+        x = layers.LSTM(12, return_sequences=True)(x)
+        x = layers.GlobalMaxPooling1D()(x)
+        return keras.Model(tokens, layers.Dense(3, name="logits")(x))
+
+    tokens = np.random.default_rng(SEED).integers(0, 40, (4, 7)).astype(np.int32)
+    model, made = _keras_convert(
+        build, [("tokens", (None, None), "int32", tokens)], 15, folder
+    )
+    return _manifest(
+        model,
+        "tf_keras_lstm",
+        source="tensorflow",
+        origin="tools/make_corpus.py: Embedding-LSTM-GlobalMaxPooling1D-Dense",
+        made=made,
+        loss={"kind": "mse", "output": model.graph.output[0].name},
+    )
+
+
+def make_keras_gru(folder: Path) -> dict:
+    """A GRU and a SimpleRNN: tf2onnx leaves both as the Loop of TensorFlow's while loop."""
+
+    def build(keras):
+        layers = keras.layers
+        x = keras.Input((None, 6), name="x")
+        h = layers.GRU(8, return_sequences=True)(x)
+        h = layers.SimpleRNN(5)(h)
+        return keras.Model(x, layers.Dense(2, name="y")(h))
+
+    x = np.random.default_rng(SEED).standard_normal((3, 5, 6)).astype(np.float32)
+    model, made = _keras_convert(
+        build, [("x", (None, None, 6), "float32", x)], 15, folder
+    )
+    return _manifest(
+        model,
+        "tf_keras_gru",
+        source="tensorflow",
+        origin="tools/make_corpus.py: GRU-SimpleRNN-Dense",
+        made=made,
+        loss={"kind": "mse", "output": model.graph.output[0].name},
+    )
+
+
 # ONNX files that wheels on PyPI ship.
 
 
@@ -1049,12 +1210,27 @@ def _chunk(batch: int = 1, **state: tuple[int, ...]) -> dict[str, np.ndarray]:
     return data
 
 
+def _file_bytes(paths: list[str], size: int = 1024, pad: int = 256) -> dict[str, np.ndarray]:
+    """Magika's input: per file, its first and last `size` bytes, short ends padded with 256."""
+    rows = []
+    for path in paths:
+        raw = np.frombuffer(Path(path).read_bytes().strip(), np.uint8).astype(np.int32)
+        head = np.full(size, pad, np.int32)
+        tail = np.full(size, pad, np.int32)
+        head[: min(size, raw.size)] = raw[:size]
+        end = raw[-size:]
+        tail[size - end.size :] = end
+        rows.append(np.concatenate([head, tail]))
+    return {"bytes": np.stack(rows)}
+
+
 def _probabilities(shape: tuple[int, ...]) -> np.ndarray:
     """A target for an output of probabilities: uniform in [0, 1]."""
     return np.random.default_rng(1).uniform(0, 1, shape).astype(np.float32)
 
 
 RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+MAGIKA = "magika==1.0.3"
 SILERO = "silero-vad==6.2.3"
 _PADDLE = "PaddlePaddle through paddle2onnx (p2o.* names, -1 for dynamic sizes)"
 _SILERO_NOTE = (
@@ -1091,6 +1267,17 @@ PYPI = (
         lambda: _page(48, 96),
         {"kind": "mse", "output": "softmax_11.tmp_0"},
         target=_probabilities,
+    ),
+    WheelModel(
+        "pypi_magika",
+        MAGIKA,
+        "magika/models/standard_v3_3/model.onnx",
+        "Keras through tf2onnx: Google's file-type classifier (byte embedding, Conv, "
+        "attention-like pooling)",
+        lambda: _file_bytes([os.__file__, json.__file__, zipfile.__file__]),
+        {"kind": "mse", "output": "target_label"},
+        target=_probabilities,
+        lr=1e-4,
     ),
     WheelModel(
         "pypi_silero_vad",
@@ -1142,7 +1329,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         metavar="SOURCE_OR_NAME",
         help="build only these sources (onnx-light, onnx-pytorch, onnxruntime, sklearn, "
-        "transformers, torch, pypi) or model names",
+        "transformers, torch, tensorflow, pypi) or model names",
     )
     parser.add_argument(
         "--pypi",
