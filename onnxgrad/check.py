@@ -36,7 +36,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxgrad.autodiff import rules as rule_registry
-from onnxgrad.autodiff.builder import GRAD_SUFFIX, Node
+from onnxgrad.autodiff.builder import GRAD_SUFFIX, Node, names_in_use
 from onnxgrad.autodiff.emitter import Emitter, GraphInfo
 from onnxgrad.errors import DataError, GradientError, OnnxgradError, UnsupportedOpError
 from onnxgrad.gradcheck import GradReport, check_gradients
@@ -50,6 +50,7 @@ from onnxgrad.importer import (
     op_label,
     opset_of,
     read,
+    tensor_array,
     trainable_parameters,
 )
 from onnxgrad.runtime import kernels as kernel_registry
@@ -310,7 +311,7 @@ def preflight(
     nodes, needs = on_path(model, loss, wrt)
     states, problems, notes = [], [], []
     info = GraphInfo.from_graph(model.graph)
-    taken = _all_names(model.graph)
+    taken = names_in_use(model.graph)
     backward_ops: dict[str, str] = {}
 
     # 1 and 2. States, and one trial per rule.
@@ -533,7 +534,7 @@ def _upcast_node(node: onnx.NodeProto, keep: set[str]) -> None:
 
 
 def _double(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    value = numpy_helper.to_array(tensor).astype(np.float64)
+    value = tensor_array(tensor).astype(np.float64)
     return numpy_helper.from_array(value, tensor.name)
 
 
@@ -646,7 +647,7 @@ def _dim(info: GraphInfo, name: str, axis: int) -> int | None:
 
 def _constant(info: GraphInfo, name: str) -> np.ndarray | None:
     tensor = info.constants.get(name)
-    return None if tensor is None else numpy_helper.to_array(tensor)
+    return None if tensor is None else tensor_array(tensor)
 
 
 def with_loss(
@@ -1038,7 +1039,7 @@ def name_needed_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     out = _copy_named(model)
     loaded = load(out)
     info = GraphInfo.from_graph(loaded.graph)
-    taken = _all_names(loaded.graph)
+    taken = names_in_use(loaded.graph)
     by_name = {n.name: n for n in out.graph.node}
     changes = []
     for node in loaded.graph.node:
@@ -1540,14 +1541,6 @@ def _one_line(err: BaseException) -> str:
 
 def _where(node: onnx.NodeProto, opset: int) -> dict:
     return {"op_type": node.op_type, "domain": node.domain, "node": node.name, "opset": opset}
-
-
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names = {t.name for t in graph.initializer} | {i.name for i in graph.input}
-    for node in graph.node:
-        names.add(node.name)
-        names.update(node.output)
-    return names
 
 
 def _dtypes(graph: onnx.GraphProto) -> dict[str, int]:

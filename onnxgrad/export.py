@@ -6,6 +6,12 @@ version and metadata, with only the named initializers' values replaced. Weights
 stored as external data stay external, at the same relative locations and offsets in the
 output folder. Every file is first written to a temporary name in its destination folder
 and then renamed over the target (`os.replace`), so no file is ever left half-written.
+
+Models that `load` keeps on disk (external data past `importer.KEEP_EXTERNAL_FROM`) never
+become one protobuf here either: `save_model` copies their data files with the trained
+regions patched in, and `write_model` (the training graph) streams every large
+initializer into `<file name>.data`, from the trained values or straight from the
+original file's bytes. No file onnxgrad writes carries the `basepath` that `load` adds.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +31,18 @@ import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
 from onnxgrad.errors import ExportError, ModelLoadError
-from onnxgrad.importer import FLOAT_TYPES, load, read, trainable_parameters
+from onnxgrad.importer import (
+    BASEPATH,
+    FLOAT_TYPES,
+    MAPPED_TYPES,
+    SMALL_TENSOR,
+    in_memory_bytes,
+    kept_external,
+    load,
+    read,
+    tensor_array,
+    trainable_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +59,15 @@ _DATA_FIELDS = (
 
 # A serialized protobuf message cannot exceed 2 GiB; above this size, export external data.
 _PROTO_LIMIT = 2**31 - 2**26
+
+# Offsets in the data files `write_model` writes: tensors of 1 MiB or more start on a
+# 64 KiB boundary (the coarsest allocation granularity a runtime maps files with), the
+# others on 64 bytes (any element type's alignment).
+_ALIGN_LARGE = 65536
+_ALIGN = 64
+
+# Bytes copied from one data file to another per read.
+_CHUNK = 2**24
 
 
 def save_model(
@@ -75,16 +102,18 @@ def save_model(
             f"initializer of that name (it has {len(tensors)}: "
             f"{_preview(list(tensors))}). Only initializers can be written back"
         )
-    fresh = {name: _serialized(tensors[name], np.asarray(value)) for name, value in weights.items()}
+    fresh = {name: _checked(tensors[name], np.asarray(value)) for name, value in weights.items()}
 
-    # 2. Embedded initializers: replace their values in place.
-    patches: dict[str, list[tuple[onnx.TensorProto, bytes]]] = {}
-    for name, new in fresh.items():
+    # 2. Embedded initializers: replace their values in place. External ones are patched
+    #    in step 3, from a view of the new value's bytes (no copy of a large weight).
+    patches: dict[str, list[tuple[onnx.TensorProto, memoryview | bytes]]] = {}
+    for name, value in fresh.items():
         tensor = tensors[name]
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = _external_info(tensor).get("location", "")
-            patches.setdefault(location, []).append((tensor, new.raw_data))
+            patches.setdefault(location, []).append((tensor, _raw(tensor, value)))
             continue
+        new = numpy_helper.from_array(value, name)
         for field in _DATA_FIELDS:
             tensor.ClearField(field)
         new.ClearField("name")
@@ -94,30 +123,23 @@ def save_model(
 
     # 3. External data: copy every file the model refers to, patching the trained regions,
     #    then the model; all to temporary files, renamed into place only once all are written.
-    locations = sorted(
-        {
-            _external_info(t).get("location", "")
-            for t in external_data_helper._get_all_tensors(model)
-            if t.data_location == onnx.TensorProto.EXTERNAL
-        }
-    )
-    if locations and base is None:
-        raise ExportError(
-            "the model refers to external data but was given as bytes or a proto, without its "
-            "folder: pass the model's path as the source"
-        )
+    sources = _external_sources(model, base)
     folder = path.resolve().parent
-    if locations and folder == base and path.resolve() != source_path:
+    clobbered = [loc for loc, src in sources.items() if (folder / loc).resolve() == src.resolve()]
+    if clobbered and path.resolve() != source_path:
         raise ExportError(
             f"saving '{path}' next to the original model would overwrite the external data it "
-            f"still reads ({', '.join(locations)}): save into another folder, or over the "
-            "original model itself"
+            f"still reads ({', '.join(sorted(clobbered))}): save into another folder, or over "
+            "the original model itself"
         )
+    _drop_basepaths(model)
     folder.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, Path]] = []
     try:
-        for location in locations:
-            staged.append(_stage_external(base, folder, location, patches.get(location, [])))
+        for location in sorted(sources):
+            staged.append(
+                _stage_external(sources[location], folder, location, patches.get(location, []))
+            )
         staged.append((_stage_bytes(folder, path.name, _serialize(model)), path.resolve()))
         for tmp, target in staged:
             os.replace(tmp, target)
@@ -141,46 +163,81 @@ def export_training_model(
         trainer_or_model: a `Trainer` (its training graph, with the current parameter
             values as initializers), or a model (path, bytes or ModelProto) passed to
             `onnxgrad.gradient_model` with `loss` and `wrt`.
-        path: the file to write (atomically). Models over 2 GiB keep their weights in
-            `<file name>.data` next to it.
+        path: the file to write (atomically). Models over 2 GiB, and models whose weights
+            `load` keeps on disk, keep their weights in `<file name>.data` next to it.
         loss: the output to differentiate (models only).
         wrt: the tensors to differentiate with respect to (models only).
 
     Raises:
         ExportError: the file cannot be written.
     """
-    if hasattr(trainer_or_model, "training_model"):
-        model = trainer_or_model.training_model
+    if hasattr(trainer_or_model, "training_graph"):
+        model = trainer_or_model.training_graph
+        values = {**trainer_or_model.parameters, **trainer_or_model.buffers}
     else:
         from onnxgrad.autodiff.builder import gradient_model
 
         model = gradient_model(trainer_or_model, wrt=wrt, loss=loss)
+        values = {}
+    write_model(model, path, values)
+    logger.info("exported the training graph to '%s'", path)
+
+
+def write_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    values: Mapping[str, np.ndarray] | None = None,
+) -> None:
+    """Write a model atomically, with its weights in external data when they must be.
+
+    When the model keeps initializers on disk (`load` of a model with large external data)
+    or would pass protobuf's 2 GiB, every initializer of `SMALL_TENSOR` bytes or more goes
+    to `<file name>.data` next to `path`, tensors of 1 MiB or more at 64 KiB-aligned
+    offsets, and the model names it by that relative location. Otherwise the model is one
+    file, as `onnx.save` writes it. The model itself is not modified.
+
+    Args:
+        model: the model to write.
+        path: the file to write.
+        values: new values for initializers, by name (their dtype and shape kept).
+
+    Raises:
+        ExportError: a value names no initializer or does not fit it, or a file cannot be
+            written.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    tensors = {t.name: t for t in out.graph.initializer}
+    values = dict(values or {})
+    unknown = [name for name in values if name not in tensors]
+    if unknown:
+        raise ExportError(
+            f"cannot write value(s) for {', '.join(repr(n) for n in unknown)}: the model has "
+            "no initializer of that name"
+        )
+    for name, value in values.items():
+        values[name] = _checked(tensors[name], np.asarray(value))
+    size = in_memory_bytes(out) + sum(v.nbytes for v in values.values())
+    external = bool(kept_external(out)) or size > _PROTO_LIMIT
+
     path = Path(path)
     folder = path.resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, Path]] = []
     try:
-        if model.ByteSize() > _PROTO_LIMIT:
+        if external:
             location = f"{path.name}.data"
-            external_data_helper.convert_model_to_external_data(
-                model, all_tensors_to_one_file=True, location=location, size_threshold=1024
-            )
-            tmp_dir = tempfile.mkdtemp(dir=folder, prefix=f".{path.name}.")
-            try:
-                external_data_helper.write_external_data_tensors(model, tmp_dir)
-                staged.append(
-                    (_stage_move(Path(tmp_dir) / location, folder, location), folder / location)
-                )
-            finally:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-        staged.append((_stage_bytes(folder, path.name, _serialize(model)), path.resolve()))
+            staged.append((_stage_data(out, values, folder, location), folder / location))
+        else:
+            for name, value in values.items():
+                tensors[name].CopyFrom(numpy_helper.from_array(value, name))
+        staged.append((_stage_bytes(folder, path.name, _serialize(out)), path.resolve()))
         for tmp, target in staged:
             os.replace(tmp, target)
     except BaseException:
         for tmp, _ in staged:
             Path(tmp).unlink(missing_ok=True)
         raise
-    logger.info("exported the training graph to '%s'", path)
 
 
 WEIGHT_FORMATS = (".safetensors", ".npz")
@@ -240,7 +297,7 @@ def export_weights(
     tensors = [t for t in stored.graph.initializer if t.data_type in FLOAT_TYPES]
     if keep is not None:
         tensors = [t for t in tensors if t.name in keep]
-    weights = {t.name: np.ascontiguousarray(numpy_helper.to_array(t)) for t in tensors}
+    weights = {t.name: np.ascontiguousarray(tensor_array(t)) for t in tensors}
 
     # 2. The file, written to a temporary name and renamed into place.
     if suffix == ".safetensors":
@@ -279,6 +336,8 @@ def _read_original(source) -> tuple[onnx.ModelProto, Path | None]:
             model = onnx.load_model(str(path), load_external_data=False)
         except Exception as err:
             raise ExportError(f"cannot re-read the original model '{path}': {err}") from err
+        # As `load` does: a file's data lies in its own folder, whatever folder it names.
+        _drop_basepaths(model)
         return model, path.resolve()
     try:
         return read(source), None
@@ -286,8 +345,8 @@ def _read_original(source) -> tuple[onnx.ModelProto, Path | None]:
         raise ExportError(f"cannot read the original model: {err}") from err
 
 
-def _serialized(tensor: onnx.TensorProto, value: np.ndarray) -> onnx.TensorProto:
-    """`value` as a TensorProto, checked against the initializer it replaces."""
+def _checked(tensor: onnx.TensorProto, value: np.ndarray) -> np.ndarray:
+    """`value`, contiguous, once its dtype and shape are the initializer's."""
     want = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     if value.dtype != want:
         raise ExportError(
@@ -299,27 +358,147 @@ def _serialized(tensor: onnx.TensorProto, value: np.ndarray) -> onnx.TensorProto
             f"weight '{tensor.name}' has shape {list(value.shape)}, but the initializer has "
             f"{list(tensor.dims)}: initializers keep their shape"
         )
-    return numpy_helper.from_array(np.ascontiguousarray(value), tensor.name)
+    return np.ascontiguousarray(value)
 
 
 def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 
 
+def _external_sources(model: onnx.ModelProto, base: Path | None) -> dict[str, Path]:
+    """The data file behind each external location of the original model, by location.
+
+    A tensor that `load` kept on disk names its folder (`basepath`); the others are read
+    from `base`, the original model's folder.
+    """
+    sources: dict[str, Path] = {}
+    for tensor in external_data_helper._get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_info(tensor)
+        location = info.get("location", "")
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise ExportError(
+                f"external data location '{location}' of tensor '{tensor.name}' is not a "
+                "relative path inside the model's folder: cannot keep the layout"
+            )
+        folder = Path(info[BASEPATH]) if BASEPATH in info else base
+        if folder is None:
+            raise ExportError(
+                "the model refers to external data but was given as bytes or a proto, without "
+                "its folder: pass the model's path as the source"
+            )
+        source = folder / location
+        if sources.setdefault(location, source) != source:
+            raise ExportError(
+                f"tensors read external data named '{location}' from two folders "
+                f"('{sources[location].parent}' and '{folder}'): one output folder cannot "
+                "hold both"
+            )
+    return sources
+
+
+def _drop_basepaths(model: onnx.ModelProto) -> None:
+    """Remove the absolute folders `load` records: written models name only relative paths."""
+    for tensor in external_data_helper._get_all_tensors(model):
+        entries = [(e.key, e.value) for e in tensor.external_data if e.key != BASEPATH]
+        if len(entries) != len(tensor.external_data):
+            del tensor.external_data[:]
+            for key, value in entries:
+                tensor.external_data.add(key=key, value=value)
+
+
+def _stage_data(
+    model: onnx.ModelProto, values: Mapping[str, np.ndarray], folder: Path, location: str
+) -> str:
+    """Write the model's large initializers to a temporary data file, pointing them at it.
+
+    Each tensor's bytes come from `values`, from the file `load` left it in, or from the
+    proto; tensors under `SMALL_TENSOR` bytes that are not on disk stay in the proto.
+    """
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{location}.", suffix=".tmp")
+    try:
+        _default_mode(fd)
+        with os.fdopen(fd, "wb") as out:
+            offset = 0
+            for tensor in model.graph.initializer:
+                value = values.get(tensor.name)
+                on_disk = tensor.data_location == onnx.TensorProto.EXTERNAL
+                if tensor.data_type == onnx.TensorProto.STRING:
+                    if value is not None:
+                        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+                    continue
+                if value is not None:
+                    raw = _raw(tensor, value)
+                elif on_disk:
+                    raw = None
+                else:
+                    raw = _raw(tensor, numpy_helper.to_array(tensor))
+                length = int(_external_info(tensor)["length"]) if raw is None else len(raw)
+                if not on_disk and length < SMALL_TENSOR:
+                    if value is not None:
+                        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+                    continue
+                pad = -offset % (_ALIGN_LARGE if length >= 2**20 else _ALIGN)
+                out.write(bytes(pad))
+                offset += pad
+                if raw is None:
+                    _copy_kept(tensor, out)
+                else:
+                    out.write(raw)
+                for field in _DATA_FIELDS:
+                    tensor.ClearField(field)
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, entry in (("location", location), ("offset", offset), ("length", length)):
+                    tensor.external_data.add(key=key, value=str(entry))
+                offset += length
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _drop_basepaths(model)
+    logger.debug("staged '%s': %d bytes of external data", location, offset)
+    return tmp
+
+
+def _raw(tensor: onnx.TensorProto, value: np.ndarray) -> memoryview | bytes:
+    """The raw bytes ONNX stores for `value` (a view of it where they are its memory)."""
+    if tensor.data_type in MAPPED_TYPES and sys.byteorder == "little":
+        return memoryview(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+    return numpy_helper.from_array(value, tensor.name).raw_data
+
+
+def _copy_kept(tensor: onnx.TensorProto, out) -> None:
+    """Copy the bytes of a tensor that `load` kept on disk from its file into `out`."""
+    info = _external_info(tensor)
+    source = Path(info[BASEPATH]) / info["location"]
+    offset, length = int(info.get("offset", 0)), int(info["length"])
+    try:
+        with open(source, "rb") as f:
+            f.seek(offset)
+            while length > 0:
+                chunk = f.read(min(length, _CHUNK))
+                if not chunk:
+                    raise OSError(f"the file ends {length} bytes early")
+                out.write(chunk)
+                length -= len(chunk)
+    except OSError as err:
+        raise ExportError(
+            f"cannot copy the external data of tensor '{tensor.name}' from '{source}': {err}"
+        ) from err
+
+
 def _stage_external(
-    base: Path, folder: Path, location: str, patches: list[tuple[onnx.TensorProto, bytes]]
+    source: Path,
+    folder: Path,
+    location: str,
+    patches: list[tuple[onnx.TensorProto, memoryview | bytes]],
 ) -> tuple[str, Path]:
     """Copy one external data file to a temporary file in `folder`, with trained values in it."""
-    if not location or os.path.isabs(location) or ".." in Path(location).parts:
-        raise ExportError(
-            f"external data location '{location}' is not a relative path inside the model's "
-            "folder: cannot keep the layout"
-        )
-    source = base / location
     if not source.is_file():
         raise ExportError(
             f"the external data file '{location}' is missing next to the original model in "
-            f"'{base}': it is needed to write the untrained tensors it holds"
+            f"'{source.parent}': it is needed to write the untrained tensors it holds"
         )
     target = folder / location
     target.parent.mkdir(parents=True, exist_ok=True)

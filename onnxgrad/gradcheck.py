@@ -13,10 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from onnxgrad.autodiff.builder import GRAD_SUFFIX, gradient_model
-from onnxgrad.importer import load
+from onnxgrad.importer import load, tensor_array
 from onnxgrad.runtime.session import Session
 
 
@@ -124,7 +123,7 @@ def check_gradients(
         if name in values:
             base = np.array(values[name], copy=True)
         elif name in inits:
-            base = onnx.numpy_helper.to_array(inits[name]).copy()
+            base = tensor_array(inits[name]).copy()
         else:
             raise ValueError(f"cannot perturb '{name}': it is neither fed nor an initializer")
 

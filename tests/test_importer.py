@@ -247,22 +247,72 @@ def test_parameters_read_inside_if_branches_are_found():
 
 
 @pytest.mark.slow
-def test_a_model_over_2_gb_is_refused_in_one_line(tmp_path):
-    # 23,200² float32 weights in external data: 2.15 GB, past what one protobuf can hold.
+def test_a_model_over_2_gb_trains_and_saves_with_its_data_on_disk(tmp_path):
+    # y = x · W + b, W 23,200² float32 (2.15 GB, more than one protobuf can hold) and b after
+    # it in one data file, so b's offset is past 2 GiB. W is zero but for its first and
+    # last rows; the file is sparse, so it costs no disk until save writes a copy.
     n = 23_200
-    np.zeros((n, n), np.float32).tofile(tmp_path / "w.bin")
-    w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[n, n])
-    w.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(n * n * 4))):
-        entry = w.external_data.add()
-        entry.key, entry.value = key, value
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    w_bytes = n * n * 4
+    rng = np.random.default_rng(0)
+    first, last = rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
+    b = rng.normal(size=n).astype(np.float32)
+    with open(src / "w.bin", "wb") as f:
+        f.truncate(w_bytes)
+        f.write(first.tobytes())
+        f.seek(w_bytes - n * 4)
+        f.write(last.tobytes())
+        f.write(b.tobytes())
+    tensors = []
+    for name, dims, offset, length in (
+        ("W", [n, n], 0, w_bytes),
+        ("b", [n], w_bytes, n * 4),
+    ):
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "w.bin"), ("offset", offset), ("length", length)):
+            tensor.external_data.add(key=key, value=str(value))
+        tensors.append(tensor)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["y"]),
+        ],
         "big",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
-        [w],
+        tensors,
     )
-    onnx.save(helper.make_model(graph), tmp_path / "big.onnx")
-    with pytest.raises(ModelLoadError, match=r"2\.0 GB .* cannot exceed 2 GB"):
-        load(tmp_path / "big.onnx")
+    onnx.save(helper.make_model(graph), src / "big.onnx")
+    original = onnx.load(src / "big.onnx", load_external_data=False).SerializeToString()
+
+    # 1. Loaded with the weights left on disk, the proto small; a forward run reads them.
+    model = load(src / "big.onnx")
+    assert model.ByteSize() < 10_000
+    x = np.zeros((1, n), np.float32)
+    x[0, 0], x[0, -1] = 2.0, -1.0
+    y = onnxgrad.Session(model).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(y[0], 2 * first - last + b, rtol=1e-6, atol=1e-6)
+
+    # 2. One step that trains W alone, saved into another folder.
+    trainer = onnxgrad.Trainer(src / "big.onnx", "mse", onnxgrad.optim.SGD(0.5), trainable=["W"])
+    target = np.ones((1, n), np.float32)
+    trainer.step(x, target)
+    assert np.mean((trainer.predict(x) - target) ** 2) < np.mean((y - target) ** 2)
+    trainer.save(out / "big.onnx")
+    del model
+
+    # 3. The same layout, W's trained value in the data file, b's bytes as they were.
+    assert sorted(p.name for p in out.iterdir()) == ["big.onnx", "w.bin"]
+    assert onnx.load(out / "big.onnx", load_external_data=False).SerializeToString() == original
+    assert (out / "w.bin").stat().st_size == (src / "w.bin").stat().st_size
+    saved_w = np.fromfile(out / "w.bin", np.float32, count=n * n).reshape(n, n)
+    assert np.array_equal(saved_w, trainer.parameters["W"])
+    assert not np.array_equal(saved_w[0], first)
+    del saved_w
+    saved_b = np.fromfile(out / "w.bin", np.float32, count=n, offset=w_bytes)
+    assert saved_b.tobytes() == b.tobytes()
+    np.testing.assert_array_equal(
+        np.fromfile(src / "w.bin", np.float32, count=n, offset=w_bytes - n * 4), last
+    )

@@ -21,8 +21,15 @@ from onnx import helper, numpy_helper
 
 from onnxgrad.autodiff import rules as registry
 from onnxgrad.autodiff.emitter import Emitter, GraphInfo
-from onnxgrad.errors import GradientError, MissingGradientError
-from onnxgrad.importer import FLOAT_TYPES, attributes, load, opset_of, trainable_parameters
+from onnxgrad.errors import GradientError, MissingGradientError, UnsupportedOpError
+from onnxgrad.importer import (
+    FLOAT_TYPES,
+    attributes,
+    checkable,
+    load,
+    opset_of,
+    trainable_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +121,7 @@ class _Builder:
             for out in node.output:
                 if out:
                     self.producer[out] = node
-        taken = set(self.producer) | {t.name for t in self.graph.initializer}
-        taken |= {i.name for i in self.graph.input} | {n.name for n in self.graph.node}
-        taken |= _subgraph_names(self.graph)
-        self.root = Emitter(self.info, self.opset, taken=taken)
+        self.root = Emitter(self.info, self.opset, taken=names_in_use(self.graph))
 
     def build(self, wrt: Sequence[str] | None, loss: str | None) -> onnx.ModelProto:
         # 1. What to differentiate, with respect to what.
@@ -261,7 +265,7 @@ class _Builder:
             vi = helper.make_tensor_value_info(name, self.info.dtypes.get(w, 1), shape)
             graph.output.append(vi)
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(checkable(model))
         except Exception as err:
             raise GradientError(
                 f"the gradient graph is not valid ONNX (an onnxgrad bug): {err}"
@@ -355,7 +359,10 @@ class _Pass:
             self.opsets,
         )
         b = self.base.scoped(f"{node.name}{GRAD_SUFFIX}/")
-        dxs = list(entry.fn(b, view, dys))
+        try:
+            dxs = list(entry.fn(b, view, dys))
+        except NotImplementedError as err:  # an attribute value or opset the rule lacks
+            raise _unsupported(node, view.opset, str(err)) from err
         if any(dx is not None for dx in dxs[len(sources) :]):
             raise GradientError(
                 f"the {node.op_type} rule returned {len(dxs)} gradients for {len(sources)} "
@@ -418,21 +425,40 @@ def scope_reads(node: onnx.NodeProto) -> list[str]:
     return sorted(names)
 
 
+def _unsupported(node: onnx.NodeProto, opset: int, text: str) -> UnsupportedOpError:
+    """A rule's NotImplementedError as an UnsupportedOpError, its own words kept.
+
+    Rules name the op and node themselves ("Conv node 'c' with auto_pad=SAME_UPPER: ...");
+    such a message stays as it is, with the opset added where it lacks one.
+    """
+    error = UnsupportedOpError(node.op_type, node.name, opset, node.domain, detail=text)
+    lead = f"{node.op_type} node '{node.name}'"
+    if text.startswith(lead):
+        rest = text[len(lead) :]
+        if not rest.startswith(" (opset"):
+            rest = f" (opset {opset}){rest}"
+        error.args = (f"{lead}{rest}",)
+    return error
+
+
 def _reads(node: onnx.NodeProto) -> list[str]:
     return list(node.input) + scope_reads(node)
 
 
-def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
-    """Every name defined inside the subgraphs of a graph's nodes, at any depth."""
-    names: set[str] = set()
+def names_in_use(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor and node name a graph defines or outputs, inside its subgraphs too.
+
+    What a node appended to the graph must not be called: ONNX needs one name per value
+    across a graph and every body nested in it.
+    """
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names |= {o.name for o in graph.output}
     for node in graph.node:
+        names.update(o for o in node.output if o)
+        if node.name:
+            names.add(node.name)
         for g in _graphs(node):
-            names |= {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                names.update(o for o in n.output if o)
-                if n.name:
-                    names.add(n.name)
-            names |= _subgraph_names(g)
+            names |= names_in_use(g)
     return names
 
 
@@ -574,11 +600,28 @@ def graph_gradient(
     return nodes_gradient(b, parent, copies, seeds, wrt)
 
 
-def make_subgraph(b: Emitter, name: str, outputs: Sequence[str]) -> onnx.GraphProto:
-    """A GraphProto of the nodes `b` emitted that `outputs` need, returning them (no inputs).
+def subgraph_input(
+    b: Emitter, label: str, dtype: int | None = None, shape: Sequence | None = None
+) -> str:
+    """A fresh name for an input of a subgraph being built in `b` (a Loop body), typed when
+    `dtype` (and `shape`) are given; pass it to `make_subgraph` among its `inputs`."""
+    name = b._fresh(f"{b.prefix}{label}")
+    if dtype is not None:
+        b.info.dtypes[name] = dtype
+    if shape is not None:
+        b.info.shapes[name] = list(shape)
+    return name
 
-    An output that is not made inside (an enclosing-scope tensor, or one returned twice)
-    is passed through an Identity, so the graph defines each of its outputs.
+
+def make_subgraph(
+    b: Emitter, name: str, outputs: Sequence[str], inputs: Sequence[str] = ()
+) -> onnx.GraphProto:
+    """A GraphProto of the nodes `b` emitted that `outputs` need, returning them.
+
+    `inputs` (names from `subgraph_input`) become the graph's inputs, typed as `b` knows
+    them; an If branch has none. An output that is not made inside (an input, an
+    enclosing-scope tensor, or one returned twice) is passed through an Identity, so the
+    graph defines each of its outputs.
     """
     made = {o for n in b.nodes for o in n.output}
     names, seen = [], set()
@@ -595,13 +638,16 @@ def make_subgraph(b: Emitter, name: str, outputs: Sequence[str]) -> onnx.GraphPr
             kept.append(node)
             live.update(i for i in _reads(node) if i)
     kept.reverse()
-    values = [
+    return helper.make_graph(kept, name, _values(b, inputs), _values(b, names))
+
+
+def _values(b: Emitter, names: Sequence[str]) -> list[onnx.ValueInfoProto]:
+    return [
         helper.make_tensor_value_info(
-            out, b.dtype(out), _dims(b.shape(out)) if b.shape(out) is not None else None
+            x, b.dtype(x), _dims(b.shape(x)) if b.shape(x) is not None else None
         )
-        for out in names
+        for x in names
     ]
-    return helper.make_graph(kept, name, [], values)
 
 
 def _dims(shape: Sequence[int | str | None]) -> list[int | str | None]:

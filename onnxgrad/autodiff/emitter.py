@@ -17,6 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxgrad.errors import GradientError
+from onnxgrad.importer import tensor_array
+
 _BOOL_OPS = frozenset(
     {
         "Equal",
@@ -163,7 +166,7 @@ class Emitter:
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of a forward initializer or Constant output, or None if not constant."""
         tensor = self.info.constants.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        return None if tensor is None else tensor_array(tensor)
 
     # Node emission.
 
@@ -343,6 +346,9 @@ class Emitter:
                 sx = self.static_shape(x)
                 return self.Reshape(total, self.ints(sx) if sx is not None else self.Shape(x))
 
+        if self.opset < 13:
+            return self._sum_to_per_axis(dx, x, xs, ys)
+
         # Known only at run time: reduce where x (padded with leading 1s) is 1 and dx is not.
         sx, sd = self.Shape(x), self.Shape(dx)
         pad = self.Reshape(self.Sub(self.Size(sd), self.Size(sx)), self.ints([1]))
@@ -353,6 +359,34 @@ class Emitter:
         axes = self.Reshape(self.NonZero(mask), self.ints([-1]))
         total = self.op("ReduceSum", dx, axes, keepdims=1, noop_with_empty_axes=1)
         return self.Reshape(total, sx)
+
+    def _sum_to_per_axis(self, dx: str, x: str, xs, ys) -> str:
+        """`sum_to` before opset 13, where ReduceSum takes its axes only as an attribute.
+
+        Each axis whose broadcast is known only at run time is summed anyway, then
+        Where(x's size there is 1, the sum, dx) keeps one of the two (the sum broadcast
+        back to dx's shape), and one Slice (opset 10) cuts the result to the shape of x.
+        """
+        if xs is None or ys is None or len(xs) > len(ys) or self.opset < 10:
+            raise GradientError(
+                f"the gradient of '{x}' must be summed over broadcast axes known only at run "
+                f"time, which needs opset 10 (13 with unknown ranks); the model has "
+                f"{self.opset}: convert it with onnx.version_converter"
+            )
+        lead = len(ys) - len(xs)
+        total = self.reduce_sum(dx, list(range(lead)), keepdims=0) if lead else dx
+        sx = self.Shape(x)
+        for i, (d, e) in enumerate(zip(xs, ys[lead:])):
+            if (d == e and d is not None) or (isinstance(d, int) and d != 1):
+                continue
+            summed = self.reduce_sum(total, [i], keepdims=1)
+            if d == 1:
+                total = summed
+                continue
+            size = self.Gather(sx, self.ints(i), axis=0)
+            total = self.Where(self.Equal(size, self.ints(1)), summed, total)
+        zeros = self.ints([0] * len(xs))
+        return self.Slice(total, zeros, sx, self.ints(list(range(len(xs)))))
 
 
 def _const_label(array: np.ndarray) -> str:

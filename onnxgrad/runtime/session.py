@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxgrad.errors import ExecutionError
-from onnxgrad.importer import attributes, graph_inputs, load, op_label, opset_of
+from onnxgrad.importer import attributes, graph_inputs, load, op_label, opset_of, tensor_array
 from onnxgrad.runtime import kernels as registry
 from onnxgrad.runtime.kernels import KernelNode
 from onnxgrad.runtime.plan import Plan, needed_nodes, outer_names, topological_order
@@ -97,7 +97,7 @@ class _NumpySession:
         self.model = load(model, convert=False, infer_shapes=False)
         graph = self.model.graph
         self.fold = fold
-        self.initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.initializers = {t.name: tensor_array(t) for t in graph.initializer}
         self.inputs = {i.name: i for i in graph_inputs(self.model)}
         self.output_names = [o.name for o in graph.output]
         self.nodes = topological_order(graph.node, set(self.initializers) | set(self.inputs))

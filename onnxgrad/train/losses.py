@@ -23,9 +23,10 @@ import os
 import onnx
 from onnx import helper
 
+from onnxgrad.autodiff.builder import names_in_use
 from onnxgrad.autodiff.emitter import Emitter, GraphInfo
 from onnxgrad.errors import GradientError
-from onnxgrad.importer import FLOAT_TYPES, load, opset_of
+from onnxgrad.importer import FLOAT_TYPES, checkable, load, opset_of
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def append_loss(
         )
     dtype = dtype or onnx.TensorProto.FLOAT
     shape = info.shapes.get(output)
-    taken = _names(graph)
+    taken = names_in_use(graph)
     if target in taken:
         raise GradientError(
             f"the model already has a tensor named '{target}': pass another target name"
@@ -102,7 +103,7 @@ def append_loss(
     graph.input.append(target_vi)
     graph.output.append(helper.make_tensor_value_info(loss_name, dtype, []))
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(checkable(model))
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as err:
         raise GradientError(
@@ -207,13 +208,6 @@ def _batch_symbolic(shape):
         return []
     first = shape[0] if isinstance(shape[0], str) else "batch"
     return [first, *(d if d is not None else None for d in shape[1:])]
-
-
-def _names(graph: onnx.GraphProto) -> set[str]:
-    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    names |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
-    names |= {o.name for o in graph.output}
-    return names
 
 
 def _fresh(base: str, taken: set[str]) -> str:

@@ -28,7 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxgrad.errors import GradientError
-from onnxgrad.importer import opset_of
+from onnxgrad.importer import opset_of, tensor_array
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def _dropout_off(graph: onnx.GraphProto, node: onnx.NodeProto, opset: int) -> No
     if constant is None:
         # A graph input: the user feeds the mode; leave it to them.
         return
-    if not bool(numpy_helper.to_array(constant)):
+    if not bool(tensor_array(constant)):
         return
     inputs = list(node.input[:2])
     while inputs and not inputs[-1]:

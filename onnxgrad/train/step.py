@@ -52,10 +52,20 @@ import onnx
 import onnx.version_converter
 from onnx import helper, numpy_helper
 
-from onnxgrad.autodiff.builder import GRAD_SUFFIX, gradient_model
+from onnxgrad.autodiff.builder import GRAD_SUFFIX, gradient_model, names_in_use
 from onnxgrad.autodiff.emitter import Emitter, GraphInfo
 from onnxgrad.errors import GradientError, UnsupportedOpError
-from onnxgrad.importer import FLOAT_TYPES, graph_inputs, load, opset_of, trainable_parameters
+from onnxgrad.export import write_model
+from onnxgrad.importer import (
+    FLOAT_TYPES,
+    checkable,
+    graph_inputs,
+    kept_external,
+    load,
+    opset_of,
+    tensor_array,
+    trainable_parameters,
+)
 from onnxgrad.train.losses import LOSSES, append_loss
 from onnxgrad.train.optim import SGD, Adam, AdamW, Optimizer
 
@@ -207,8 +217,7 @@ def build_step_model(
     layout = StepLayout(loss_name, target, data_inputs, outputs, params, optimizer=repr(optimizer))
 
     # 3. The names the convention claims must be free.
-    taken = {t.name for t in graph.initializer} | {i.name for i in graph.input}
-    taken |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
+    taken = names_in_use(graph)
     states = {p: [f"{p}{s}" for s in _state_suffixes(optimizer)] for p in params}
     layout.state = states
     claimed = [f"{p}{UPDATED}" for p in params] + [STEP, f"{STEP}{UPDATED}", LR]
@@ -267,7 +276,7 @@ def initial_state(step_model: onnx.ModelProto) -> dict[str, np.ndarray]:
             f"the step model has no default for {', '.join(missing)}: it was built with "
             "defaults=False, so the initial state must come from elsewhere"
         )
-    return {n: numpy_helper.to_array(inits[n]).copy() for n in wanted}
+    return {n: tensor_array(inits[n]).copy() for n in wanted}
 
 
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -310,7 +319,7 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     try:
         converted = onnx.version_converter.convert_version(model, opset)
         converted.ir_version = ir_version_of(opset)
-        onnx.checker.check_model(converted, full_check=True)
+        onnx.checker.check_model(checkable(converted), full_check=True)
     except Exception as err:  # noqa: BLE001 - the converter raises bare C++ errors; we go on
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         logger.debug("onnx's version converter failed (%s); retargeting op by op", first)
@@ -335,7 +344,7 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
             entry.version = opset
     out.ir_version = ir_version_of(opset)
     try:
-        onnx.checker.check_model(out, full_check=True)
+        onnx.checker.check_model(checkable(out), full_check=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         node = next((n for n in out.graph.node if n.name and f"'{n.name}'" in first), None)
@@ -531,7 +540,7 @@ def _assemble(
     model.metadata_props.add(key=METADATA_KEY, value=layout.to_json())
     graph.name = f"{graph.name or 'model'}_training_step"
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(checkable(model), full_check=True)
     except Exception as err:
         raise GradientError(
             f"the training step graph is not valid ONNX (an onnxgrad bug): {err}"
@@ -685,7 +694,7 @@ def _first_since(op_type: str) -> int | None:
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    values = {t.name: tensor_array(t) for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
@@ -847,10 +856,16 @@ def _check_scalar(model: onnx.ModelProto, loss: str) -> None:
 def save_model_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write `model` to `path` through a temporary file in the same folder, then rename it.
 
+    A model whose weights `load` kept on disk is written by `onnxgrad.export.write_model`,
+    its weights in `<file name>.data` beside it.
+
     Raises:
         GradientError: the model is over protobuf's 2 GiB limit.
     """
     path = Path(path)
+    if kept_external(model):
+        write_model(model, path)
+        return
     try:
         data = model.SerializeToString()
     except Exception as err:  # protobuf refuses messages over 2 GiB

@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 from onnxgrad.autodiff.builder import GRAD_SUFFIX, gradient_model
 from onnxgrad.errors import GradientError, NonFiniteLossError
 from onnxgrad.export import save_model
-from onnxgrad.importer import FLOAT_TYPES, graph_inputs, load, trainable_parameters
+from onnxgrad.importer import FLOAT_TYPES, graph_inputs, load, tensor_array, trainable_parameters
 from onnxgrad.runtime.plan import keep_freed_memory
 from onnxgrad.runtime.session import Session
 from onnxgrad.train import data as datalib
@@ -163,10 +163,8 @@ class Trainer:
         # 5. The parameters (and BatchNormalization running statistics, when they are
         #    updated): writable arrays owned by the trainer, fed by name each step.
         inits = {t.name: t for t in self.forward_model.graph.initializer}
-        self._params = {name: numpy_helper.to_array(inits[name]).copy() for name in self.trainable}
-        self._buffers = {
-            name: numpy_helper.to_array(inits[name]).copy() for name in self.modes.running
-        }
+        self._params = {name: tensor_array(inits[name]).copy() for name in self.trainable}
+        self._buffers = {name: tensor_array(inits[name]).copy() for name in self.modes.running}
         self._buffer_outputs = [self.modes.running[name] for name in self._buffers]
         self._input_types = _input_types(self.forward_model)
         self._fixed_first = _fixed_first_dims(self.forward_model)
@@ -219,7 +217,11 @@ class Trainer:
 
     @property
     def training_model(self) -> onnx.ModelProto:
-        """The training graph (forward, loss, gradients) with the current parameter values."""
+        """The training graph (forward, loss, gradients) with the current parameter values.
+
+        The values are copied into the proto, which cannot pass 2 GiB: for a large model
+        use `onnxgrad.export_training_model(trainer, path)`, which streams them to a file.
+        """
         model = onnx.ModelProto()
         model.CopyFrom(self.training_graph)
         values = {**self._params, **self._buffers}

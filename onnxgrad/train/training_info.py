@@ -36,7 +36,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxgrad.errors import ExecutionError, GradientError, ModelLoadError
-from onnxgrad.importer import name_nodes, read
+from onnxgrad.importer import checkable, name_nodes, read, tensor_array
 from onnxgrad.runtime.session import Session
 from onnxgrad.train.step import LR, STEP, StepLayout, build_step_model, save_model_atomically
 
@@ -180,7 +180,7 @@ def embed_training_info(step_model: onnx.ModelProto) -> onnx.ModelProto:
     for name in [*layout.state_names, STEP]:
         info.initialization_binding.add(key=name, value=f"{name}{INITIAL}")
     try:
-        onnx.checker.check_model(out, full_check=True)
+        onnx.checker.check_model(checkable(out), full_check=True)
         check_training_info(out)
     except (onnx.checker.ValidationError, ValueError, ModelLoadError) as err:
         raise GradientError(
@@ -210,7 +210,7 @@ def check_training_info(model: onnx.ModelProto) -> None:
         where = f"training_info[{k}]"
         combined = _combined(model, info.algorithm)
         try:
-            onnx.checker.check_model(combined, full_check=True)
+            onnx.checker.check_model(checkable(combined), full_check=True)
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise ModelLoadError(
@@ -274,7 +274,7 @@ class TrainingSession:
         bound = [e.key for info in self._model.training_info for e in info.update_binding]
         bound += [e.key for info in self._model.training_info for e in info.initialization_binding]
         self.variables: dict[str, np.ndarray] = {
-            name: numpy_helper.to_array(values[name]).copy() for name in dict.fromkeys(bound)
+            name: tensor_array(values[name]).copy() for name in dict.fromkeys(bound)
         }
         self._sessions = []
         for info in self._model.training_info:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+import pytest
+from onnx import TensorProto, helper
 
 from onnxgrad.autodiff.emitter import Emitter, GraphInfo
+from onnxgrad.errors import GradientError
+from onnxgrad.runtime.session import Session
 
 
 def emitter(**dtypes: int) -> Emitter:
@@ -40,3 +44,50 @@ def test_names_are_scoped_and_constants_shared():
     other = b.scoped("m_grad/")
     assert other.const(2.0, like="x") == b.const(2.0, like="x")
     assert all(isinstance(n, onnx.NodeProto) for n in b.nodes)
+
+
+@pytest.mark.parametrize("opset", [10, 12, 13, 18])
+@pytest.mark.parametrize(
+    ("x_shape", "dx_shape"),
+    [((3, 1), (2, 3, 4)), ((1, 4), (3, 4)), ((3, 4), (3, 4)), ((1, 1), (2, 5))],
+)
+def test_sum_to_with_broadcasts_known_only_at_run_time(opset, x_shape, dx_shape):
+    # Every dimension symbolic: which axes to sum is known only from the fed shapes.
+    x_dims = [f"x{k}" for k in range(len(x_shape))]
+    dx_dims = [f"d{k}" for k in range(len(dx_shape))]
+    info = GraphInfo(
+        dtypes={"x": TensorProto.DOUBLE, "dx": TensorProto.DOUBLE},
+        shapes={"x": x_dims, "dx": dx_dims},
+    )
+    b = Emitter(info, opset=opset).scoped("t/")
+    total = b.sum_to("dx", "x", dx_dims)
+    graph = helper.make_graph(
+        b.nodes,
+        "sum_to",
+        [
+            helper.make_tensor_value_info("x", TensorProto.DOUBLE, x_dims),
+            helper.make_tensor_value_info("dx", TensorProto.DOUBLE, dx_dims),
+        ],
+        [helper.make_tensor_value_info(total, TensorProto.DOUBLE, x_dims)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model, full_check=True)
+    if opset < 13:  # ReduceSum takes no axes input there
+        assert all(len(n.input) == 1 for n in b.nodes if n.op_type == "ReduceSum")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape)
+    dx = rng.standard_normal(dx_shape)
+    lead = len(dx_shape) - len(x_shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, d in enumerate(x_shape) if d == 1 and dx_shape[lead + i] != 1
+    )
+    want = dx.sum(axis=axes, keepdims=True).reshape(x_shape)
+    (got,) = Session(model).run(None, {"x": x, "dx": dx})
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_sum_to_before_opset_10_with_run_time_broadcasts_says_what_to_do():
+    info = GraphInfo(dtypes={"x": TensorProto.DOUBLE}, shapes={"x": ["a"], "dx": ["b", "c"]})
+    b = Emitter(info, opset=9).scoped("t/")
+    with pytest.raises(GradientError, match="needs opset 10 .* onnx.version_converter"):
+        b.sum_to("dx", "x", ["b", "c"])

@@ -84,9 +84,7 @@ CASES = [
     Case("Pad", [(2, 3, 4)], attrs={"pads": [0, 1, 2, 0, 2, 1]}, opset=9, id="attr_opset9"),
     Case("Pad", [(3, 4)], attrs={"pads": [1, -1, 0, 2], "value": 1.5}, opset=8, id="attr_crop"),
     Case("Pad", [(2, 3, 4)], attrs={"pads": [1, 0, 0, 0, 0, 3]}, opset=10, id="attr_opset10"),
-    Case(
-        "Pad", [(2, 3)], attrs={"pads": [0, 2, 1, 0]}, opset=10, id="attr_dynamic", dynamic=True
-    ),
+    Case("Pad", [(2, 3)], attrs={"pads": [0, 2, 1, 0]}, opset=10, id="attr_dynamic", dynamic=True),
     Case("Tile", [(2, 3), _i(2, 3)]),
     Case("Tile", [(2, 1, 3), _i(1, 4, 2)], id="dynamic", dynamic=True),
     # Cast to the same type here (the harness weighs outputs in the input's type); the tests

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from onnxgrad.importer import attributes
+from onnxgrad.importer import attributes, tensor_array
 from onnxgrad.runtime import kernels as registry
 from onnxgrad.runtime.kernels import KernelNode, kernel
 from onnxgrad.runtime.plan import Plan, outer_names, topological_order
@@ -131,7 +131,7 @@ def compile_graph(graph: onnx.GraphProto, owner: KernelNode, label: str) -> Subg
 
     # 3. The plan: declared inputs, then the enclosing-scope names.
     inputs = [i.name for i in graph.input]
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants = {t.name: tensor_array(t) for t in graph.initializer}
     order = topological_order(nodes, set(inputs) | set(constants) | set(free))
     outputs = [o.name for o in graph.output]
     plan = Plan(order, kernels, constants, inputs + free, outputs)

@@ -167,12 +167,12 @@ class Subgraph:
     """
 
     def __init__(self, graph: onnx.GraphProto, opset: int, outer: list[str] | None = None):
-        from onnxgrad.importer import attributes
+        from onnxgrad.importer import attributes, tensor_array
         from onnxgrad.runtime.plan import Plan, outer_names, topological_order
 
         self.inputs = [i.name for i in graph.input] + list(outer or [])
         self.outputs = [o.name for o in graph.output]
-        constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+        constants = {t.name: tensor_array(t) for t in graph.initializer}
         nodes = topological_order(graph.node, set(self.inputs) | set(constants))
         kernels = {}
         for k, n in enumerate(nodes):
