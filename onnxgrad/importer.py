@@ -410,8 +410,12 @@ def trainable_parameters(model: onnx.ModelProto) -> list[str]:
     A parameter is a floating-point initializer of rank 1 or more that some node reads at a
     position holding data (not configuration such as Resize scales, Clip bounds, or
     BatchNormalization's running statistics). Rank-0 floats are exporter constants (the
-    1.0 of `1 - x`, the sqrt(2) of GELU), never weights. Reads inside the bodies of If,
-    Loop and Scan count too: exporters put whole networks in an If branch.
+    1.0 of `1 - x`, the sqrt(2) of GELU), never weights, and so are small tensors (up to
+    4096 elements) holding an infinity or NaN, and one-element tensors that only Where
+    reads as a value to select (the 0 and -inf of an attention mask, which exporters
+    write with shape [1]).
+    Reads inside the bodies of If, Loop and Scan count too: exporters put whole networks
+    in an If branch.
     """
     consumers: dict[str, list[tuple[str, int]]] = {}
 
@@ -429,11 +433,22 @@ def trainable_parameters(model: onnx.ModelProto) -> list[str]:
         if t.data_type not in FLOAT_TYPES or len(t.dims) == 0:
             continue
         uses = consumers.get(t.name, [])
-        if uses and all(use in _CONFIG_INPUTS for use in uses):
+        if not uses or all(use in _CONFIG_INPUTS for use in uses):
             continue
-        if uses:
-            params.append(t.name)
+        if _is_fill(t, uses):
+            continue
+        params.append(t.name)
     return params
+
+
+def _is_fill(tensor: onnx.TensorProto, uses: list[tuple[str, int]]) -> bool:
+    """Whether an initializer is a constant to select or mask with rather than a weight."""
+    size = int(np.prod(tensor.dims, dtype=np.int64))
+    if size == 1 and all(use in (("Where", 1), ("Where", 2)) for use in uses):
+        return True
+    if size > 4096:  # a real weight; reading it to look for infinities would cost memory
+        return False
+    return not bool(np.isfinite(tensor_array(tensor)).all())
 
 
 def op_label(node: onnx.NodeProto) -> str:

@@ -211,6 +211,38 @@ def test_parameters_exclude_constants_and_statistics():
     assert trainable_parameters(model) == ["w", "scale", "bias"]
 
 
+def test_parameters_exclude_attention_mask_fills():
+    # scores = Where(mask, Where(mask, 0, -inf) + qk, bias_fill) + b: the [1]-shaped 0 and
+    # -inf that exporters write for a mask, and a [3] tensor with -inf, are not weights;
+    # b (also [1], read by Add) and a [3] Where operand are.
+    init = [
+        numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+        numpy_helper.from_array(np.full(1, -np.inf, np.float32), "minus_inf"),
+        numpy_helper.from_array(np.array([0.0, -np.inf, 1.0], np.float32), "inf_row"),
+        numpy_helper.from_array(np.ones(3, np.float32), "select_row"),
+        numpy_helper.from_array(np.ones(1, np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Where", ["mask", "zero", "minus_inf"], ["fill"]),
+        helper.make_node("Add", ["fill", "qk"], ["s"]),
+        helper.make_node("Add", ["s", "inf_row"], ["s2"]),
+        helper.make_node("Where", ["mask", "s2", "select_row"], ["t"]),
+        helper.make_node("Add", ["t", "b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 3]),
+            helper.make_tensor_value_info("qk", TensorProto.FLOAT, [2, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        init,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert trainable_parameters(model) == ["select_row", "b"]
+
+
 def test_parameters_read_inside_if_branches_are_found():
     # y = If(c, then: x·w, else: x + b): w and b are read only inside the branches.
     def branch(op, weight, name):
