@@ -145,7 +145,7 @@ def export(model: nn.Module, kind: str, exporter: str, path: Path) -> Path:
     keep_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     dtype = next(model.parameters()).dtype
     x = torch.from_numpy(example_input(kind, str(dtype).removeprefix("torch.")))
-    with _quiet():
+    with quiet():
         if exporter == "legacy":
             torch.onnx.export(
                 model,
@@ -246,7 +246,8 @@ def torch_gradients(
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
+    """Silence exporter chatter: warnings, torch's and onnxscript's logging, printed lines."""
     loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "onnxscript", "torch.export")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
