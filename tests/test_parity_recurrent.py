@@ -17,11 +17,8 @@ nn.RNN is compared through the legacy export only.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
-import logging
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +30,7 @@ torch = pytest.importorskip("torch")
 
 import onnxgrad
 from onnxgrad.autodiff.builder import GRAD_SUFFIX
+from tests.models import quiet
 
 BATCH, SEQ, INPUT, HIDDEN = 2, 5, 3, 4
 TOLERANCE = {"float32": 1e-4, "float64": 1e-9}
@@ -83,8 +81,8 @@ class Wrapped(torch.nn.Module):
         return torch.cat(parts, dim=1)
 
 
-def _input(config, dtype: str) -> np.ndarray:
-    shape = (BATCH, SEQ, INPUT) if config[3] else (SEQ, BATCH, INPUT)
+def _input(config, dtype: str, seq: int = SEQ) -> np.ndarray:
+    shape = (BATCH, seq, INPUT) if config[3] else (seq, BATCH, INPUT)
     return np.random.default_rng(1).standard_normal(shape).astype(dtype)
 
 
@@ -123,8 +121,10 @@ def _export(config, exporter: str, dtype: str) -> Exported:
     torch.manual_seed(0)
     module = Wrapped(*config).to(DTYPES[dtype]).eval()
     x = torch.from_numpy(_input(config, dtype))
-    with _quiet():
-        if exporter == "legacy":
+    with quiet():
+        if exporter in ("legacy", "legacy_dynamic"):
+            # legacy_dynamic: the time axis (and so the output's width) symbolic.
+            dynamic = {"input": {1 if config[3] else 0: "time"}, "output": {1: "width"}}
             f = io.BytesIO()
             torch.onnx.export(
                 module,
@@ -134,6 +134,7 @@ def _export(config, exporter: str, dtype: str) -> Exported:
                 opset_version=17,
                 input_names=["input"],
                 output_names=["output"],
+                dynamic_axes=dynamic if exporter == "legacy_dynamic" else None,
             )
             raw = onnx.load_from_string(f.getvalue())
         else:
@@ -193,6 +194,20 @@ def _expected(ex: Exported, config, name: str, grads: dict) -> np.ndarray:
     return _onnx_layout(config[0], kind, where, grads, 2 if config[2] else 1)
 
 
+def _errors(ex: Exported, config, got: dict, x: np.ndarray, r: np.ndarray) -> dict:
+    """Per compared tensor, the relative error of onnxgrad's result against torch's."""
+    out_t, grads_t, dx_t = _torch_gradients(ex.module, x, r)
+    errors = {
+        "output": rel_error(got["output"], out_t),
+        "input": rel_error(got["input_grad"], dx_t),
+    }
+    for name in ex.slots:
+        ours, theirs = got[f"{name}{GRAD_SUFFIX}"], _expected(ex, config, name, grads_t)
+        assert ours.dtype == x.dtype and ours.shape == theirs.shape, name
+        errors[name] = rel_error(ours, theirs)
+    return errors
+
+
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| relative to the largest |b|."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -218,18 +233,9 @@ def test_gradients_match_torch(exports, config, exporter, dtype, record_property
     with torch.no_grad():
         shape = tuple(ex.module(torch.from_numpy(x)).shape)
     r = np.random.default_rng(2).standard_normal(shape).astype(dtype)
-    out_t, grads_t, dx_t = _torch_gradients(ex.module, x, r)
-
     names = ["output"] + [f"{w}{GRAD_SUFFIX}" for w in wrt]
     got = dict(zip(names, onnxgrad.Session(grad).run(names, {"input": x, "output_grad": r})))
-    errors = {
-        "output": rel_error(got["output"], out_t),
-        "input": rel_error(got["input_grad"], dx_t),
-    }
-    for name in ex.slots:
-        ours, theirs = got[f"{name}{GRAD_SUFFIX}"], _expected(ex, config, name, grads_t)
-        assert ours.dtype == np.dtype(dtype) and ours.shape == theirs.shape, name
-        errors[name] = rel_error(ours, theirs)
+    errors = _errors(ex, config, got, x, r)
     worst = max(errors, key=errors.get)
     record_property("worst_rel_error", errors[worst])
     bad = {k: f"{v:.3g}" for k, v in errors.items() if not v <= TOLERANCE[dtype]}
@@ -256,20 +262,46 @@ def test_gradient_model_runs_in_onnxruntime(exports, config, exporter):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
-@contextlib.contextmanager
-def _quiet():
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "onnxscript", "torch.export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+# A dynamic time axis (dynamic_axes): the backward runs as Scans over the length the feeds
+# give, so one gradient model serves every length.
+DYNAMIC = [("LSTM", 1, False, False), ("GRU", 2, True, True), ("LSTM", 2, True, True)]
+
+
+@pytest.mark.parametrize(
+    "config, dtype",
+    [pytest.param(c, d, id=f"{_label(c)}-{d}") for c in DYNAMIC for d in DTYPES],
+)
+def test_dynamic_time_axis_gradients_match_torch(exports, config, dtype, record_property):
+    ex = exports(config, "legacy_dynamic", dtype)
+    time_axis = 1 if config[3] else 0
+    assert ex.model.graph.input[0].type.tensor_type.shape.dim[time_axis].dim_param == "time"
+    wrt = [*ex.slots, "input"]
+    grad = onnxgrad.gradient_model(ex.model, wrt=wrt, loss="output")
+    onnx.checker.check_model(grad, full_check=True)
+    layers = config[1] * (2 if config[2] else 1)
+    assert sum(n.op_type == "Scan" for n in grad.graph.node) == 2 * layers
+
+    names = ["output"] + [f"{w}{GRAD_SUFFIX}" for w in wrt]
+    ours = onnxgrad.Session(grad)
+    theirs = onnxgrad.Session(grad, backend="onnxruntime") if dtype == "float32" else None
+    worst = 0.0
+    for seq in (SEQ, 1, 8):
+        x = _input(config, dtype, seq)
+        with torch.no_grad():
+            shape = tuple(ex.module(torch.from_numpy(x)).shape)
+        r = np.random.default_rng(seq).standard_normal(shape).astype(dtype)
+        feeds = {"input": x, "output_grad": r}
+        got = dict(zip(names, ours.run(names, feeds)))
+        errors = _errors(ex, config, got, x, r)
+        bad = {k: f"{v:.3g}" for k, v in errors.items() if not v <= TOLERANCE[dtype]}
+        assert not bad, (
+            f"T = {seq}: relative errors above {TOLERANCE[dtype]:g} against torch: {bad}"
+        )
+        worst = max(worst, *errors.values())
+        if theirs is not None:
+            for name, b in zip(names, theirs.run(names, feeds)):
+                scale = max(1.0, float(np.max(np.abs(b), initial=0.0)))
+                np.testing.assert_allclose(
+                    got[name], b, rtol=1e-4, atol=1e-5 * scale, err_msg=f"T = {seq}: {name}"
+                )
+    record_property("worst_rel_error", worst)
