@@ -17,7 +17,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxgrad import gradient_model
-from onnxgrad.errors import UnsupportedOpError
 from onnxgrad.gradcheck import check_gradients
 from onnxgrad.runtime.session import Session
 
@@ -250,6 +249,269 @@ def loop_model(
     return model, feeds, wrt
 
 
+def rnn_loop_model(dtype, trip="input", seeds="both", early=False, steps=4):
+    """h ← tanh(xs[i]·W + h·R) with s = sin(h) stacked, for a number of steps the run decides.
+
+    trip: "input" (M fed), "shape" (M = len(xs)), "none" (no M: the body's condition ends
+        it) or an int (a constant M: the unrolled path).
+    early: the body's condition i + 1 < K ends the loop after K steps (K fed).
+    seeds: what the loss reads: "final" (h_final), "scan" (the squares of ss) or "both".
+    steps: the length of xs.
+    """
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    rng = np.random.default_rng(6)
+    nodes = [
+        helper.make_node("Gather", ["xs", "i"], ["x_i"], axis=0),
+        helper.make_node("MatMul", ["x_i", "W"], ["xW"]),
+        helper.make_node("MatMul", ["h", "R"], ["hR"]),
+        helper.make_node("Add", ["xW", "hR"], ["pre"]),
+        helper.make_node("Tanh", ["pre"], ["h_next"]),
+        helper.make_node("Sin", ["h_next"], ["s"]),
+    ]
+    if early or trip == "none":
+        nodes.append(helper.make_node("Add", ["i", "one"], ["i1"]))
+        nodes.append(helper.make_node("Less", ["i1", "K"], ["c_out"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["c_in"], ["c_out"]))
+    body = helper.make_graph(
+        nodes,
+        "body",
+        [_vi("i", INT, []), _vi("c_in", BOOL, []), _vi("h", elem, [2, 4])],
+        [_vi("c_out", BOOL, []), _vi("h_next", elem, [2, 4]), _vi("s", elem, [2, 4])],
+        [numpy_helper.from_array(np.array(1, np.int64), "one")],
+    )
+    inputs = [
+        _vi("xs", elem, ["T", 2, 3]),
+        _vi("h0", elem, [2, 4]),
+        _vi("W", elem, [3, 4]),
+        _vi("R", elem, [4, 4]),
+    ]
+    inits, nodes, feeds = [], [], {}
+    if trip == "input":
+        inputs.append(_vi("M", INT, []))
+        feeds["M"] = np.array(steps, np.int64)
+    elif trip == "shape":
+        nodes.append(helper.make_node("Shape", ["xs"], ["xs_shape"]))
+        nodes.append(helper.make_node("Gather", ["xs_shape", "zero"], ["M"], axis=0))
+        inits.append(numpy_helper.from_array(np.array(0, np.int64), "zero"))
+    elif isinstance(trip, int):
+        inits.append(numpy_helper.from_array(np.array(trip, np.int64), "M"))
+    cond = ""
+    if trip == "none":
+        inits.append(numpy_helper.from_array(np.array(True), "go"))
+        cond = "go"
+    if early or trip == "none":
+        inputs.append(_vi("K", INT, []))
+        feeds["K"] = np.array(max(steps - 2, 1), np.int64)
+    trip_name = "" if trip == "none" else "M"
+    nodes.append(helper.make_node("Loop", [trip_name, cond, "h0"], ["h_final", "ss"], body=body))
+    r_h = numpy_helper.from_array(rng.standard_normal((2, 4)).astype(dtype), "r_h")
+    r_s = numpy_helper.from_array(rng.standard_normal((2, 4)).astype(dtype), "r_s")
+    terms = []
+    if seeds in ("final", "both"):
+        nodes.append(helper.make_node("Mul", ["h_final", "r_h"], ["rh"]))
+        nodes.append(helper.make_node("ReduceSum", ["rh"], ["loss_h"], keepdims=0))
+        terms.append("loss_h")
+    if seeds in ("scan", "both"):
+        nodes.append(helper.make_node("Mul", ["ss", "ss"], ["ss2"]))
+        nodes.append(helper.make_node("Mul", ["ss2", "r_s"], ["rs"]))
+        nodes.append(helper.make_node("ReduceSum", ["rs"], ["loss_s"], keepdims=0))
+        terms.append("loss_s")
+    nodes.append(helper.make_node("Sum", terms, ["loss"]))
+    feeds["xs"] = rng.uniform(-1, 1, (steps, 2, 3)).astype(dtype)
+    feeds["h0"] = rng.uniform(-1, 1, (2, 4)).astype(dtype)
+    feeds["W"] = rng.uniform(-1, 1, (3, 4)).astype(dtype)
+    feeds["R"] = rng.uniform(-1, 1, (4, 4)).astype(dtype)
+    model = _model(nodes, inputs, inits + [r_h, r_s], elem)
+    return model, feeds, ["xs", "h0", "W", "R"]
+
+
+def until_model(dtype):
+    """A while loop whose count the data decide: acc += Σ xs[i]², h ← sin(h·w + xs[i]),
+    until acc passes a limit set halfway between two partial sums (so the count holds under
+    small perturbations). acc is a float carried value that only feeds the condition."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    rng = np.random.default_rng(7)
+    body = helper.make_graph(
+        [
+            helper.make_node("Gather", ["xs", "i"], ["x_i"], axis=0),
+            helper.make_node("Mul", ["x_i", "x_i"], ["x2"]),
+            helper.make_node("ReduceSum", ["x2"], ["sq"], keepdims=0),
+            helper.make_node("Add", ["acc", "sq"], ["acc_next"]),
+            helper.make_node("Less", ["acc_next", "limit"], ["c_out"]),
+            helper.make_node("Mul", ["h", "w"], ["hw"]),
+            helper.make_node("Add", ["hw", "x_i"], ["pre"]),
+            helper.make_node("Sin", ["pre"], ["h_next"]),
+        ],
+        "body",
+        [_vi("i", INT, []), _vi("c_in", BOOL, []), _vi("acc", elem, []), _vi("h", elem, [3])],
+        [_vi("c_out", BOOL, []), _vi("acc_next", elem, []), _vi("h_next", elem, [3])],
+    )
+    xs = rng.uniform(-1, 1, (8, 3)).astype(dtype)
+    partial = np.cumsum((xs.astype(np.float64) ** 2).sum(axis=1))
+    limit = (partial[3] + partial[4]) / 2  # stops after 5 steps of 8
+    inits = [
+        numpy_helper.from_array(np.array(True), "go"),
+        numpy_helper.from_array(np.array(0, dtype), "acc0"),
+        numpy_helper.from_array(np.array(limit, dtype), "limit"),
+    ]
+    node = helper.make_node("Loop", ["M", "go", "acc0", "h0"], ["acc", "h_final"], body=body)
+    more, extra = _losses([("h_final", (3,))], dtype, rng)
+    inputs = [
+        _vi("M", INT, []),
+        _vi("xs", elem, ["T", 3]),
+        _vi("h0", elem, [3]),
+        _vi("w", elem, [3]),
+    ]
+    feeds = {
+        "M": np.array(8, np.int64),
+        "xs": xs,
+        "h0": rng.uniform(-1, 1, (3,)).astype(dtype),
+        "w": rng.uniform(-1, 1, (3,)).astype(dtype),
+    }
+    return _model([node] + more, inputs, inits + extra, elem), feeds, ["xs", "h0", "w"]
+
+
+def keras_while_model(dtype, shared: bool = False):
+    """The Loop tf2onnx makes of a Keras SimpleRNN: M and the condition computed at run
+    time, an integer counter and time index carried, and the input sequence and weights
+    carried through unchanged: h ← tanh(xs[t]·W + h·R) while counter < M and t < T.
+    shared: the body also reads W itself from the enclosing scope (h ← tanh(xs[t]·2W + h·R))."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    rng = np.random.default_rng(8)
+    weight = "Wc_W" if shared else "Wc"
+    body = helper.make_graph(
+        [helper.make_node("Add", ["Wc", "W"], ["Wc_W"])] * shared
+        + [
+            helper.make_node("Add", ["k", "one"], ["k_next"]),
+            helper.make_node("Add", ["t", "one"], ["t_next"]),
+            helper.make_node("Gather", ["seq", "t"], ["x_t"], axis=0),
+            helper.make_node("MatMul", ["x_t", weight], ["xW"]),
+            helper.make_node("MatMul", ["h", "Rc"], ["hR"]),
+            helper.make_node("Add", ["xW", "hR"], ["pre"]),
+            helper.make_node("Tanh", ["pre"], ["h_next"]),
+            helper.make_node("Less", ["k_next", "M_outer"], ["more_k"]),
+            helper.make_node("Less", ["t_next", "T_outer"], ["more_t"]),
+            helper.make_node("And", ["more_k", "more_t"], ["c_out"]),
+            helper.make_node("Identity", ["h_next"], ["y_t"]),
+        ],
+        "body",
+        [
+            _vi("i", INT, []),
+            _vi("c_in", BOOL, []),
+            _vi("k", INT, []),
+            _vi("t", INT, []),
+            _vi("h", elem, [None, 4]),
+            _vi("seq", elem, [None, None, 3]),
+            _vi("Wc", elem, [3, 4]),
+            _vi("Rc", elem, [4, 4]),
+        ],
+        [
+            _vi("c_out", BOOL, []),
+            _vi("k_next", INT, []),
+            _vi("t_next", INT, []),
+            _vi("h_next", elem, [None, 4]),
+            _vi("seq", elem, [None, None, 3]),
+            _vi("Wc", elem, [3, 4]),
+            _vi("Rc", elem, [4, 4]),
+            _vi("y_t", elem, [None, 4]),
+        ],
+        [numpy_helper.from_array(np.array(1, np.int64), "one")],
+    )
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["seq0"], perm=[1, 0, 2]),
+        helper.make_node("Shape", ["seq0"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["T_outer"], axis=0),
+        helper.make_node("Max", ["T_outer", "zero"], ["M_outer"]),
+        helper.make_node("Less", ["zero", "M_outer"], ["go"]),
+        helper.make_node(
+            "Loop",
+            ["M_outer", "go", "zero", "zero", "h0", "seq0", "W", "R"],
+            ["k", "t", "h_final", "seq_out", "W_out", "R_out", "ys"],
+            body=body,
+        ),
+    ]
+    more, inits = _losses([("h_final", (2, 4))], dtype, rng)
+    inits.append(numpy_helper.from_array(np.array(0, np.int64), "zero"))
+    inputs = [_vi("x", elem, [2, "T", 3]), _vi("h0", elem, [2, 4])]
+    inputs += [_vi("W", elem, [3, 4]), _vi("R", elem, [4, 4])]
+    feeds = {
+        "x": rng.uniform(-1, 1, (2, 5, 3)).astype(dtype),
+        "h0": rng.uniform(-1, 1, (2, 4)).astype(dtype),
+        "W": rng.uniform(-1, 1, (3, 4)).astype(dtype),
+        "R": rng.uniform(-1, 1, (4, 4)).astype(dtype),
+    }
+    return _model(nodes + more, inputs, inits, elem), feeds, ["x", "h0", "W", "R"]
+
+
+def loop_in_loop_model(dtype, outer_trip=None, inner_trip=None):
+    """h ← u · loop M₂ times (g ← tanh(g·w + i)) from h, M₁ times: a Loop in a Loop's body,
+    each M fed at run time (or constant when given)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    rng = np.random.default_rng(9)
+    inner = helper.make_graph(
+        [
+            helper.make_node("Cast", ["i"], ["i_f"], to=elem),
+            helper.make_node("Mul", ["g", "w"], ["gw"]),
+            helper.make_node("Add", ["gw", "i_f"], ["pre"]),
+            helper.make_node("Tanh", ["pre"], ["g_next"]),
+        ],
+        "inner",
+        [_vi("j", INT, []), _vi("c2", BOOL, []), _vi("g", elem, [3])],
+        [_vi("c2", BOOL, []), _vi("g_next", elem, [3])],
+    )
+    outer = helper.make_graph(
+        [
+            helper.make_node("Loop", ["M2", "", "h"], ["h_in"], body=inner),
+            helper.make_node("Mul", ["h_in", "u"], ["h_next"]),
+        ],
+        "outer",
+        [_vi("i", INT, []), _vi("c1", BOOL, []), _vi("h", elem, [3])],
+        [_vi("c1", BOOL, []), _vi("h_next", elem, [3])],
+    )
+    nodes = [helper.make_node("Loop", ["M1", "", "h0"], ["h_final"], body=outer)]
+    more, inits = _losses([("h_final", (3,))], dtype, rng)
+    inputs = [_vi("h0", elem, [3]), _vi("w", elem, [3]), _vi("u", elem, [3])]
+    feeds = {
+        "h0": rng.uniform(-1, 1, (3,)).astype(dtype),
+        "w": rng.uniform(-1, 1, (3,)).astype(dtype),
+        "u": rng.uniform(-1, 1, (3,)).astype(dtype),
+    }
+    for name, trip, value in (("M1", outer_trip, 3), ("M2", inner_trip, 2)):
+        if trip is None:
+            inputs.append(_vi(name, INT, []))
+            feeds[name] = np.array(value, np.int64)
+        else:
+            inits.append(numpy_helper.from_array(np.array(trip, np.int64), name))
+    return _model(nodes + more, inputs, inits, elem), feeds, ["h0", "w", "u"]
+
+
+def runtime_trip(make):
+    """`make` with its constant M turned into a graph input fed the same value."""
+
+    def made(dtype):
+        model, feeds, wrt = make(dtype)
+        init = next(t for t in model.graph.initializer if t.name == "M")
+        model.graph.initializer.remove(init)
+        model.graph.input.append(_vi("M", INT, []))
+        return model, {**feeds, "M": numpy_helper.to_array(init)}, wrt
+
+    return made
+
+
+def runtime_length(make, dims):
+    """`make` with dimension dims[name] of each named input made symbolic ("T")."""
+
+    def made(dtype):
+        model, feeds, wrt = make(dtype)
+        for vi in model.graph.input:
+            if vi.name in dims:
+                vi.type.tensor_type.shape.dim[dims[vi.name]].dim_param = "T"
+        return model, feeds, wrt
+
+    return made
+
+
 def scan_model(dtype, in_axes=(0, 1), in_dirs=(0, 1), out_axes=(0, 1), out_dirs=(0, 1)):
     """Scan over a (4, 2) and a (2, 4) input: h' = tanh(h·W + a + b), outputs h'·b and h'."""
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -333,6 +595,36 @@ CASES = [
     ControlCase("Loop", "If_nested", lambda d: loop_model(d, 3, nested=True)),
     ControlCase("Loop", "If_Scan_nested_then", lambda d: loop_if_scan_model(d, True)),
     ControlCase("Loop", "If_Scan_nested_else", lambda d: loop_if_scan_model(d, False)),
+    # A number of steps the run decides: the reverse Loop.
+    ControlCase("Loop", "runtime_M", runtime_trip(lambda d: loop_model(d, 3))),
+    ControlCase("Loop", "runtime_M_If_nested", runtime_trip(lambda d: loop_model(d, 3, True))),
+    ControlCase("Loop", "runtime_M_zero", runtime_trip(lambda d: loop_model(d, 0))),
+    ControlCase("Loop", "M_from_shape", lambda d: rnn_loop_model(d, "shape")),
+    ControlCase("Loop", "M_fed_final_only", lambda d: rnn_loop_model(d, seeds="final")),
+    ControlCase("Loop", "M_fed_scan_only", lambda d: rnn_loop_model(d, seeds="scan")),
+    ControlCase("Loop", "early_exit", lambda d: rnn_loop_model(d, early=True)),
+    ControlCase("Loop", "no_M_while", lambda d: rnn_loop_model(d, "none")),
+    ControlCase("Loop", "data_decides_count", until_model),
+    ControlCase("Loop", "keras_while", keras_while_model),
+    ControlCase("Loop", "keras_while_shared_weight", lambda d: keras_while_model(d, True)),
+    ControlCase("Loop", "Loop_nested_runtime", loop_in_loop_model),
+    ControlCase("Loop", "Loop_nested_inner_runtime", lambda d: loop_in_loop_model(d, 3)),
+    ControlCase("Loop", "Loop_nested_outer_runtime", lambda d: loop_in_loop_model(d, None, 2)),
+    ControlCase(
+        "Scan",
+        "runtime_length",
+        runtime_length(lambda d: scan_model(d, (0, 0), (0, 0), (0, 0), (0, 0)), {"a": 0, "b": 0}),
+    ),
+    ControlCase(
+        "Scan", "runtime_length_reverse_axes", runtime_length(scan_model, {"a": 0, "b": 1})
+    ),
+    ControlCase(
+        "Scan",
+        "runtime_length_negative_axes",
+        runtime_length(
+            lambda d: scan_model(d, (-2, -1), (1, 0), (-1, -2), (1, 0)), {"a": 0, "b": 1}
+        ),
+    ),
 ]
 
 
@@ -367,25 +659,99 @@ def test_if_gradient_is_an_if():
     assert [n.op_type for n in backward].count("If") == 1
 
 
-def test_loop_with_runtime_trip_count_is_refused():
-    model, _, wrt = loop_model(np.float64, 3)
-    model.graph.initializer.pop(0)  # M becomes a graph input
-    model.graph.input.append(_vi("M", INT, []))
-    with pytest.raises(UnsupportedOpError, match="static trip count"):
-        gradient_model(model, wrt=wrt)
+def _backward_ops(model: onnx.ModelProto, grad: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in grad.graph.node[len(model.graph.node) :]]
 
 
-def test_loop_that_can_end_early_is_refused():
-    model, _, wrt = loop_model(np.float64, 2, with_cond=True)
+def _reverse_carried(grad: onnx.ModelProto) -> list[int]:
+    """The number of values each reverse Loop of a gradient model carries."""
+    loops = [n for n in grad.graph.node if n.op_type == "Loop"]
+    return [len(n.input) - 2 for n in loops if n.attribute[0].g.name.endswith("_grad_reverse")]
+
+
+def _grads(model: onnx.ModelProto, feeds: dict, wrt: list[str], backend: str = "numpy"):
+    grad = gradient_model(model, wrt=wrt)
+    return Session(grad, backend=backend).run([f"{w}_grad" for w in wrt], feeds)
+
+
+@pytest.mark.parametrize("seeds", ["final", "scan", "both"])
+def test_reverse_loop_matches_the_unrolled_one(seeds):
+    # The same Loop with M fed (a reverse Loop) and M constant (unrolled): one gradient model
+    # serves every M fed, 0 and 1 steps included, and matches the unrolled one to rounding.
+    model, feeds, wrt = rnn_loop_model(np.float64, seeds=seeds, steps=5)
+    grad = gradient_model(model, wrt=wrt)
+    assert _backward_ops(model, grad).count("Loop") == 2  # the recording forward, the reverse
+    session = Session(grad)
+    for trip in (0, 1, 2, 5):
+        fixed, _, _ = rnn_loop_model(np.float64, trip, seeds=seeds, steps=5)
+        unrolled = gradient_model(fixed, wrt=wrt)
+        assert "Loop" not in _backward_ops(fixed, unrolled)
+        ours = session.run([f"{w}_grad" for w in wrt], {**feeds, "M": np.array(trip)})
+        theirs = Session(unrolled).run([f"{w}_grad" for w in wrt], feeds)
+        for w, a, b in zip(wrt, ours, theirs):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=f"{w}, M={trip}")
+
+
+def test_reverse_loop_runs_in_onnxruntime_for_every_trip_count():
+    model, feeds, wrt = rnn_loop_model(np.float32, steps=4)
+    grad = gradient_model(model, wrt=wrt)
+    names = [o.name for o in grad.graph.output]
+    ours_session, theirs_session = Session(grad), Session(grad, backend="onnxruntime")
+    for trip in (0, 1, 4):
+        run = {**feeds, "M": np.array(trip, np.int64)}
+        ours, theirs = ours_session.run(names, run), theirs_session.run(names, run)
+        for name, a, b in zip(names, ours, theirs):
+            assert a.shape == b.shape, f"{name}, M={trip}: {a.shape} vs {b.shape}"
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{name}, M={trip}")
+    if not trip:
+        np.testing.assert_array_equal(ours[names.index("W_grad")], 0)
+
+
+def test_reverse_loop_zero_steps_passes_the_final_gradient_to_the_start():
+    model, feeds, _ = rnn_loop_model(np.float64, seeds="final")
+    dh0, dW = _grads(model, {**feeds, "M": np.array(0)}, ["h0", "W"])
+    np.testing.assert_array_equal(dh0, numpy_helper.to_array(model.graph.initializer[0]))
+    np.testing.assert_array_equal(dW, np.zeros((3, 4)))
+
+
+def test_early_exit_matches_the_unrolled_loop_of_that_many_steps():
+    # M = 6 with a body condition that stops after K = 3 steps, against a constant M = 3.
+    model, feeds, wrt = rnn_loop_model(np.float64, early=True, steps=6)
+    feeds = {**feeds, "M": np.array(6), "K": np.array(3)}
+    fixed, fixed_feeds, _ = rnn_loop_model(np.float64, 3, steps=6)
+    ours, theirs = _grads(model, feeds, wrt), _grads(fixed, fixed_feeds, wrt)
+    for w, a, b in zip(wrt, ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=w)
+
+
+def test_loop_whose_body_condition_turns_false_runs_one_step():
+    # A constant M with a body condition that is false at once: one step, not M.
+    model, feeds, _ = loop_model(np.float64, 2, with_cond=True)
     body = model.graph.node[0].attribute[0].g
     body.node[-1].CopyFrom(helper.make_node("Greater", ["i", "i"], ["cond_out"]))
-    with pytest.raises(UnsupportedOpError, match="end the loop early"):
-        gradient_model(model, wrt=wrt)
+    grad = gradient_model(model, wrt=["h0", "w"])
+    assert "Loop" in _backward_ops(model, grad)
+    for report in check_gradients(model, feeds, wrt=["h0", "w"]):
+        assert report.ok(1e-6, 1e-8), f"{report.name}: off by {report.abs_error:.3g}"
 
 
-def test_scan_with_runtime_length_is_refused():
-    model, _, wrt = scan_model(np.float64, (0, 0), (0, 0), (0, 0), (0, 0))
-    for vi in model.graph.input[1:3]:
-        vi.type.tensor_type.shape.dim[0].dim_param = "T"
-    with pytest.raises(UnsupportedOpError, match="known only at run time"):
-        gradient_model(model, wrt=wrt)
+def test_keras_while_gradient_skips_the_sequence_when_not_wanted():
+    # The input sequence rides along as a loop-invariant carried value: wanted, its gradient
+    # is carried back through the steps; not wanted, the reverse Loop carries only h, W, R.
+    model, feeds, _ = keras_while_model(np.float64)
+    with_x = gradient_model(model, wrt=["x", "W", "R"])
+    without = gradient_model(model, wrt=["W", "R"])
+    carried, fewer = _reverse_carried(with_x), _reverse_carried(without)
+    assert carried == [4] and fewer == [3], (carried, fewer)
+    ours = Session(without).run(["W_grad", "R_grad"], feeds)
+    full = Session(with_x).run(["W_grad", "R_grad"], feeds)
+    for a, b in zip(ours, full):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_data_dependent_count_is_what_the_forward_ran():
+    model, feeds, wrt = until_model(np.float64)
+    grad = gradient_model(model, wrt=wrt)
+    dxs = Session(grad).run(["xs_grad"], feeds)[0]
+    # Rows past the fifth are never read: their gradient is a true zero; the others are not.
+    assert np.all(dxs[5:] == 0) and np.all(np.abs(dxs[:5]).sum(axis=1) > 0)

@@ -7,19 +7,28 @@ outputs), then differentiates that copy with the same rules as the main graph:
 - If: the backward is an If on the same condition whose branches each recompute their
   forward branch and return the gradients of every enclosing-scope tensor the node reads
   (zeros where a branch does not depend on one).
-- Loop and Scan: the loop is unrolled. With a static trip count (a constant M, a static
-  scan axis) the body is copied once per iteration, inline, with its inputs bound to the
-  previous iteration's copies, and the reverse pass runs over the copies. This costs one
-  more forward pass of the loop (the node's own outputs included) and keeps every
-  iteration's values, which any reverse pass needs. We chose it over a reverse Loop
-  because it reuses every rule as it is, nested subgraphs included. A trip count known
-  only at run time raises UnsupportedOpError.
+- Loop and Scan with a static trip count (a constant M and a condition that stays true, a
+  static scan axis): the loop is unrolled. The body is copied once per iteration, inline,
+  with its inputs bound to the previous iteration's copies, and the reverse pass runs over
+  the copies. This costs one more forward pass of the loop (the node's own outputs
+  included) and keeps every iteration's values, which any reverse pass needs.
+- Loop and Scan whose number of steps only the run decides (M computed, a condition the
+  body recomputes, a symbolic scan axis): a reverse Loop. The forward runs again as a copy
+  of the node that also stacks, as scan outputs, the carried values entering each step;
+  their length is the number of steps n. A Loop of n steps then walks t = n − 1 … 0: its
+  body recomputes step t from the stacked values, differentiates it, and carries the
+  carried values' gradients back one step and the outer tensors' gradients summed so far.
+
+Both reuse every rule as it is, nested subgraphs included.
 
 Gradients reach loop-carried initial values, scan inputs, and the enclosing-scope tensors
 a body reads (a weight used in every iteration gets the sum over iterations).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import onnx
 from onnx import numpy_helper
@@ -29,14 +38,16 @@ from onnxgrad.autodiff.builder import (
     inline_graph,
     make_subgraph,
     nodes_gradient,
+    scope_reads,
     subgraph_emitter,
+    subgraph_input,
 )
+from onnxgrad.autodiff.emitter import GraphInfo
 from onnxgrad.autodiff.rules import rule
 from onnxgrad.errors import UnsupportedOpError
-from onnxgrad.importer import FLOAT_TYPES
+from onnxgrad.importer import FLOAT_TYPES, tensor_array
 
-# TODO: a Loop whose trip count is known only at run time needs a reverse Loop in the
-# backward (the forward's per-iteration values kept as scan outputs); not built yet.
+INT64, BOOL = onnx.TensorProto.INT64, onnx.TensorProto.BOOL
 
 
 def _wanted(b, node) -> tuple[list[str], list[str]]:
@@ -99,7 +110,7 @@ def _always_true(body: onnx.GraphProto) -> bool:
         if name == body.input[1].name:
             return True
         if name in inits:
-            return bool(numpy_helper.to_array(inits[name]).all())
+            return bool(tensor_array(inits[name]).all())
         n = producer.get(name)
         if n is None:
             return False
@@ -111,45 +122,43 @@ def _always_true(body: onnx.GraphProto) -> bool:
         return False
 
 
-def _trip_count(b, node, body: onnx.GraphProto) -> int:
-    """The static number of iterations of a Loop, or UnsupportedOpError."""
+def _trip_count(b, node, body: onnx.GraphProto) -> int | None:
+    """The static number of iterations of a Loop, or None where only the run decides it."""
     trip_name = node.input[0] if node.input else ""
     cond_name = node.input[1] if len(node.input) > 1 else ""
-    todo = "unrolling it needs a static trip count (a constant M) (TODO: a reverse Loop)"
     if cond_name:
         value = b.constant_value(cond_name)
         if value is None:
-            raise _unsupported(
-                node, f"the condition '{cond_name}' is known only at run time; {todo}"
-            )
+            return None
         if not bool(value.reshape(-1)[0]):
             return 0
     if not trip_name:
-        raise _unsupported(node, f"the loop has no trip count M; {todo}")
+        return None
     value = b.constant_value(trip_name)
     if value is None:
-        raise _unsupported(
-            node, f"the trip count M '{trip_name}' is known only at run time; {todo}"
-        )
+        return None
     trip = max(int(value.reshape(-1)[0]), 0)
     # The body's condition ends a loop early even without a cond input (onnxruntime).
     if trip and not _always_true(body):
-        raise _unsupported(node, f"the body's condition may end the loop early; {todo}")
+        return None
     return trip
 
 
 @rule("Loop")
 def loop(b, node, dys):
-    """(v_final, scans) = loop M times: (cond, v, s) = body(i, cond, v)  →  unrolled:
-    vₜ₊₁, sₜ = body(t, true, vₜ), and the reverse pass runs over the copies:
-    dv₀ = ∂/∂v₀ Σₜ ⟨dscans[t], sₜ⟩ + ⟨dv_final, v_M⟩, likewise for the outer tensors the body
-    reads (summed over iterations). M and cond: none.
+    """(v_final, scans) = loop: (cond, v, s) = body(i, cond, v)  →  vₜ₊₁, sₜ = body(t, true, vₜ)
+    for the n steps run, and dv₀ = ∂/∂v₀ (Σₜ ⟨dscans[t], sₜ⟩ + ⟨dv_final, vₙ⟩), likewise for
+    the outer tensors the body reads (summed over steps). A static n unrolls the steps;
+    otherwise a reverse Loop runs dvₜ = ∂/∂vₜ (⟨dvₜ₊₁, vₜ₊₁⟩ + ⟨dscans[t], sₜ⟩) for
+    t = n − 1 … 0 from dvₙ = dv_final. M, cond and integer carried values: none.
     """
     body = node.attrs["body"]
-    trip = _trip_count(b, node, body)
     sources, wanted = _wanted(b, node)
     if not wanted:
         return [None] * len(sources)
+    trip = _trip_count(b, node, body)
+    if trip is None:
+        return _spread(sources, wanted, _reverse_loop(b, node, body, dys, wanted))
     n_carried = len(node.input) - 2
     body_in = [i.name for i in body.input]
     body_out = [o.name for o in body.output]
@@ -205,11 +214,11 @@ def _pieces(b, x: str, length: int, axis: int) -> list[str]:
 
 @rule("Scan")
 def scan(b, node, dys):
-    """(s_final, ys) = scan(s₀, xs)  →  unrolled over the static scan length L:
-    sₜ₊₁, yₜ = body(sₜ, x₁[t] … xₘ[t]) with each xⱼ split along its axis (reversed for a
-    reverse direction) and ys stacked the same way; the reverse pass runs over the copies,
-    so dxⱼ is the concatenation of the slices' gradients and an outer weight's gradient is
-    summed over the L steps.
+    """(s_final, ys) = scan(s₀, xs)  →  sₜ₊₁, yₜ = body(sₜ, x₁[t] … xₘ[t]) for t < L, with
+    each xⱼ sliced along its axis (from the end for a reverse direction) and ys stacked the
+    same way; dxⱼ is the stack of the slices' gradients and an outer weight's gradient is
+    summed over the L steps. A static L unrolls the steps; otherwise a reverse Loop runs
+    them backward, as for Loop.
     """
     if node.opset < 9:
         raise _unsupported(node, "Scan before opset 9 (batched, with sequence_lens)")
@@ -229,11 +238,8 @@ def scan(b, node, dys):
     shape = b.shape(xs[0])
     length = shape[in_axes[0]] if shape is not None and in_axes[0] < len(shape) else None
     if not isinstance(length, int):
-        raise _unsupported(
-            node,
-            f"the scan length (axis {in_axes[0]} of '{xs[0]}') is known only at run time; "
-            "unrolling the Scan needs it static (TODO: a reverse Loop)",
-        )
+        axes = (in_axes, in_back, out_axes, out_back)
+        return _spread(sources, wanted, _reverse_scan(b, node, body, dys, wanted, axes))
     body_in = [i.name for i in body.input]
     body_out = [o.name for o in body.output]
 
@@ -268,3 +274,335 @@ def scan(b, node, dys):
         for t in range(length):
             seeds.setdefault(steps[t][k], []).append(parts[t])
     return _spread(sources, wanted, nodes_gradient(b, node, forward, seeds, wanted))
+
+
+# The reverse Loop, for a Loop or Scan whose number of steps only the run decides.
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """A Loop or Scan node seen as a recurrence over its carried values.
+
+    Attributes:
+        node: the forward node.
+        body: its body.
+        state_in: the body inputs of the carried values.
+        state_out: the body outputs of their next values.
+        scan_out: the body outputs stacked over the steps.
+        inits: the node inputs the carried values start from.
+        finals: the node outputs of their last values ("" where not named).
+        first: the position of inits[0] among the node's inputs (2 for a Loop).
+        offset: the position of state_out[0] among the body's outputs (1 for a Loop).
+    """
+
+    node: object
+    body: onnx.GraphProto
+    state_in: list[str]
+    state_out: list[str]
+    scan_out: list[str]
+    inits: list[str]
+    finals: list[str]
+    first: int
+    offset: int
+
+    def moving(self) -> list[int]:
+        """The carried values that change from step to step, by position."""
+        return [
+            k
+            for k, (x, y) in enumerate(zip(self.state_in, self.state_out))
+            if not _same(self, y, x)
+        ]
+
+    def dtype(self, b, info: GraphInfo, k: int) -> int:
+        return info.dtypes.get(self.state_in[k], b.dtype(self.inits[k]))
+
+
+def _same(steps: _Steps, out: str, inp: str) -> bool:
+    """Whether body output `out` is body input `inp`, maybe through Identity nodes."""
+    producer = {o: n for n in steps.body.node for o in n.output}
+    while out != inp:
+        n = producer.get(out)
+        if n is None or n.op_type != "Identity":
+            return False
+        out = n.input[0]
+    return True
+
+
+def _reaches(graph: onnx.GraphProto, sources: set[str]) -> set[str]:
+    """The names of `graph` computed from any of `sources`, the sources included."""
+    seen = set(sources)
+    for n in graph.node:
+        if any(i in seen for i in [*n.input, *scope_reads(n)] if i):
+            seen.update(o for o in n.output if o)
+    return seen
+
+
+def _flowing(b, steps: _Steps, info: GraphInfo, sources: set[str]) -> list[int]:
+    """The float carried values whose gradient can reach a wanted tensor, by position: those
+    whose initial value needs one, and those whose next value is computed from a wanted
+    tensor (`sources`) or from a value already found (to a fixed point)."""
+    floats = [k for k in range(len(steps.inits)) if steps.dtype(b, info, k) in FLOAT_TYPES]
+    flowing = {k for k in floats if steps.node.needs_grad(steps.first + k)}
+    while True:
+        reach = _reaches(steps.body, sources | {steps.state_in[k] for k in flowing})
+        more = {k for k in floats if k not in flowing and steps.state_out[k] in reach}
+        if not more:
+            return sorted(flowing)
+        flowing |= more
+
+
+def _with_records(b, steps: _Steps, keep: int, record: list[int]) -> onnx.GraphProto:
+    """A copy of the body under fresh names that returns its first `keep` outputs, then the
+    values of its inputs at positions `record`: what enters each step, stacked by the node."""
+    sub = subgraph_emitter(b, "record/")
+    body_in = [i.name for i in steps.body.input]
+    inputs = [subgraph_input(sub, x) for x in body_in]
+    _, names = inline_graph(sub, steps.body, dict(zip(body_in, inputs)), "")
+    outs = [names.get(o.name, o.name) for o in steps.body.output[:keep]]
+    outs += [inputs[p] for p in record]
+    return make_subgraph(sub, f"{steps.node.name}_grad_record", outs, inputs)
+
+
+def _emit(b, op_type: str, inputs: list[str], types: list[tuple], **attrs) -> list[str]:
+    """One Loop or Scan node with an output per (dtype, shape or None) in `types`."""
+    outs = b.op(op_type, *inputs, outputs=len(types), **attrs)
+    outs = [outs] if len(types) == 1 else list(outs)
+    for out, (dtype, shape) in zip(outs, types):
+        b.info.dtypes[out] = dtype
+        if shape is not None:
+            b.info.shapes[out] = list(shape)
+    return outs
+
+
+def _stacked(shape) -> list | None:
+    return None if shape is None else [None, *shape]
+
+
+def _reverse(
+    b,
+    steps: _Steps,
+    records: dict[int, str],
+    count: str,
+    dys: list[str | None],
+    bind: Callable,
+    scan_dy: Callable,
+    extra: list[str],
+) -> tuple[dict[int, str], dict[str, list[str]], list[str]]:
+    """Emit the reverse Loop over the `count` steps of a recurrence; return its gradients.
+
+    Args:
+        b: the rule's emitter.
+        steps: the recurrence.
+        records: per moving carried value (by position), the stack of its values entering
+            each step; the others keep their initial value throughout.
+        count: the number of steps run (an int64 scalar).
+        dys: the node's output gradients: carried values, then scan outputs.
+        bind: (emitter, t, j) -> the tensors the body's other inputs read at step t, where
+            j = count − 1 − t is the reverse Loop's own iteration number.
+        scan_dy: (emitter, k, dy, t, j) -> the slice of scan output k's gradient dy at t.
+        extra: inputs that `bind` binds whose gradients are wanted; the reverse Loop stacks
+            them in the order it runs (t = count − 1 first).
+
+    Returns:
+        Per carried value that carries a gradient (by position), the gradient of its
+        initial value; per wanted outer tensor, its gradient (as a list of one); per
+        `extra` input, the stack of its gradients.
+    """
+    node, body, n = steps.node, steps.body, len(steps.inits)
+    reads = len(node.input)
+    outer = [
+        x
+        for k, x in enumerate(node.outer)
+        if node.needs_grad(reads + k) and b.dtype(x) in FLOAT_TYPES
+    ]
+    info = GraphInfo.from_graph(body)
+    flowing = _flowing(b, steps, info, set(outer) | set(extra))
+    last = b.Sub(count, b.ints(1))
+
+    # 1. The reverse body's inputs: its iteration j, a condition, the gradients it carries.
+    sub = subgraph_emitter(b, "reverse/")
+    j = subgraph_input(sub, "j", INT64, [])
+    go = subgraph_input(sub, "cond", BOOL, [])
+    dvs = [
+        subgraph_input(
+            sub, f"{steps.state_in[k]}_grad", steps.dtype(b, info, k), info.shapes.get(x)
+        )
+        for k, x in ((k, steps.state_in[k]) for k in flowing)
+    ]
+    accs = [subgraph_input(sub, f"{x}_grad", b.dtype(x), b.shape(x)) for x in outer]
+
+    # 2. Step t = count − 1 − j again: moving values from their records, the others as given.
+    t = sub.Sub(last, j)
+    bindings = bind(sub, t, j)
+    for k, x in enumerate(steps.state_in):
+        if k in records:
+            bindings[x] = sub.Gather(records[k], t, axis=0)
+        elif k in flowing:
+            bindings[x] = sub.Identity(steps.inits[k])  # a name of its own: its gradient alone
+        else:
+            bindings[x] = steps.inits[k]
+
+    # 3. Its gradient, seeded with the carried gradients and the scan outputs' slices at t.
+    seeds: list[str | None] = [None] * len(body.output)
+    for k, dv in zip(flowing, dvs):
+        seeds[steps.offset + k] = dv
+    for k, dy in enumerate(dys[n:]):
+        if dy is not None:
+            seeds[steps.offset + n + k] = scan_dy(sub, k, dy, t, j)
+    wrt = [bindings[steps.state_in[k]] for k in flowing] + outer + [bindings[x] for x in extra]
+    grads = graph_gradient(sub, node, body, bindings, seeds, wrt, "step/")
+
+    # 4. It returns dvₜ per carried value, the outer gradients summed so far, the extras.
+    outs = [sub.const(True, dtype=BOOL)]
+    for k, g in zip(flowing, grads):
+        outs.append(g if g is not None else sub.zeros_like(bindings[steps.state_in[k]]))
+    for acc, g in zip(accs, grads[len(flowing) :]):
+        outs.append(acc if g is None else sub.Add(acc, g))  # dx = Σₜ dxₜ
+    for x, g in zip(extra, grads[len(flowing) + len(outer) :]):
+        outs.append(g if g is not None else sub.zeros_like(bindings[x]))
+    graph = make_subgraph(sub, f"{node.name}_grad_reverse", outs, [j, go, *dvs, *accs])
+
+    # 5. The reverse Loop, from dvₙ = dv_final (zeros where no gradient arrives there).
+    starts, types = [], []
+    for k in flowing:
+        x = steps.finals[k] or steps.inits[k]
+        starts.append(dys[k] if dys[k] is not None else b.zeros_like(x))
+        types.append((steps.dtype(b, info, k), b.shape(steps.inits[k])))
+    starts += [b.zeros_like(x) for x in outer]
+    types += [(b.dtype(x), b.shape(x)) for x in outer]
+    types += [(b.dtype(bindings[x]), None) for x in extra]
+    results = _emit(b, "Loop", [count, "", *starts], types, body=graph)
+    dinit = dict(zip(flowing, results))
+    douter = {x: [g] for x, g in zip(outer, results[len(flowing) :])}
+    return dinit, douter, results[len(flowing) + len(outer) :]
+
+
+def _collect(b, steps: _Steps, wanted, dinit, parts: dict[str, list[str]]) -> list:
+    """Per wanted name, the sum of its gradients: as an initial value and as anything else."""
+    for k, g in dinit.items():
+        if steps.node.needs_grad(steps.first + k):
+            parts.setdefault(steps.inits[k], []).append(g)
+    out: list[str | None] = []
+    for x in wanted:
+        got = parts.get(x)
+        out.append(None if not got else got[0] if len(got) == 1 else b.Sum(*got))
+    return out
+
+
+def _reverse_loop(b, node, body: onnx.GraphProto, dys, wanted: list[str]) -> list:
+    """The gradients of a Loop whose number of steps only the run decides, per wanted name."""
+    n = len(node.input) - 2
+    body_in = [i.name for i in body.input]
+    body_out = [o.name for o in body.output]
+    steps = _Steps(
+        node,
+        body,
+        body_in[2:],
+        body_out[1 : 1 + n],
+        body_out[1 + n :],
+        node.input[2:],
+        node.output[:n],
+        first=2,
+        offset=1,
+    )
+    info = GraphInfo.from_graph(body)
+
+    # 1. The Loop again, stacking the iteration number and the moving values at each step.
+    moving = steps.moving()
+    graph = _with_records(b, steps, 1 + n, [0] + [2 + k for k in moving])
+    types = [(b.dtype(x), None) for x in steps.inits] + [(INT64, [None])]
+    types += [(steps.dtype(b, info, k), _stacked(info.shapes.get(body_in[2 + k]))) for k in moving]
+    outs = _emit(b, "Loop", node.input, types, body=graph)
+    count = b.Size(outs[n])  # the number of steps run
+    records = dict(zip(moving, outs[n + 1 :]))
+
+    # 2. The reverse Loop: step t runs with iteration number t and a true condition.
+    def bind(sub, t, j):
+        return {body_in[0]: t, body_in[1]: sub.const(True, dtype=BOOL)}
+
+    def scan_dy(sub, k, dy, t, j):
+        return sub.Gather(dy, t, axis=0)
+
+    dinit, douter, _ = _reverse(b, steps, records, count, dys, bind, scan_dy, [])
+    return _collect(b, steps, wanted, dinit, douter)
+
+
+def _reverse_scan(b, node, body: onnx.GraphProto, dys, wanted: list[str], axes) -> list:
+    """The gradients of a Scan whose length only the run decides, per wanted name."""
+    if b.opset < 10:
+        raise _unsupported(node, "a Scan of run-time length needs opset 10 (Slice with steps)")
+    in_axes, in_back, out_axes, out_back = axes
+    n_scan = int(node.attrs["num_scan_inputs"])
+    n = len(node.input) - n_scan
+    body_in = [i.name for i in body.input]
+    body_out = [o.name for o in body.output]
+    steps = _Steps(
+        node,
+        body,
+        body_in[:n],
+        body_out[:n],
+        body_out[n:],
+        node.input[:n],
+        node.output[:n],
+        first=0,
+        offset=0,
+    )
+    info = GraphInfo.from_graph(body)
+    xs = node.input[n:]
+
+    # 1. The Scan again, stacking the moving states entering each step (if any move).
+    moving = steps.moving()
+    records: dict[int, str] = {}
+    if moving:
+        graph = _with_records(b, steps, n, moving)
+        types = [(b.dtype(x), None) for x in steps.inits]
+        types += [(steps.dtype(b, info, k), _stacked(info.shapes.get(body_in[k]))) for k in moving]
+        outs = _emit(
+            b,
+            "Scan",
+            node.input,
+            types,
+            body=graph,
+            num_scan_inputs=n_scan,
+            scan_input_axes=list(in_axes),
+            scan_input_directions=[int(d) for d in in_back],
+            scan_output_axes=[0] * len(moving),
+            scan_output_directions=[0] * len(moving),
+        )
+        records = dict(zip(moving, outs[n:]))
+    count = b.Gather(b.Shape(xs[0]), b.ints(in_axes[0]), axis=0)
+
+    # 2. The reverse Loop: step t reads slice t of each scan input (count − 1 − t = j from
+    #    the end in a reverse direction), and likewise for the scan outputs' gradients.
+    def bind(sub, t, j):
+        return {
+            body_in[n + m]: sub.Gather(x, j if back else t, axis=axis)
+            for m, (x, axis, back) in enumerate(zip(xs, in_axes, in_back))
+        }
+
+    def scan_dy(sub, k, dy, t, j):
+        axis = _axis(b, node, out_axes[k], node.output[n + k])
+        return sub.Gather(dy, j if out_back[k] else t, axis=axis)
+
+    extra = [
+        body_in[n + m]
+        for m, x in enumerate(xs)
+        if node.needs_grad(n + m) and b.dtype(x) in FLOAT_TYPES
+    ]
+    dinit, parts, stacks = _reverse(b, steps, records, count, dys, bind, scan_dy, extra)
+
+    # 3. Each dxⱼ from its stack: back in position order, the scan axis moved into place.
+    for name, stack in zip(extra, stacks):
+        m = body_in.index(name) - n
+        x, axis = xs[m], in_axes[m]
+        if not in_back[m]:  # the stack runs t = count − 1 … 0
+            stack = b.Slice(stack, b.ints([-1]), b.ints([-(2**63)]), b.ints([0]), b.ints([-1]))
+        if axis:
+            rank = b.rank(x)
+            if rank is None:
+                raise _unsupported(
+                    node, f"the gradient needs the rank of '{x}' for axis {axis}; give it a shape"
+                )
+            stack = b.Transpose(stack, perm=[*range(1, axis + 1), 0, *range(axis + 1, rank)])
+        parts.setdefault(x, []).append(stack)
+    return _collect(b, steps, wanted, dinit, parts)
