@@ -53,7 +53,6 @@ CASES = {case.name: case for case in make_corpus.iter_cases(DATA, CORPUS)}
 UNTRAINABLE = {
     "ort_logreg_iris": "weights in ai.onnx.ml attributes, no initializers",
     "sklearn_mlp_digits_zipmap": "ZipMap makes the probabilities a sequence of maps",
-    "pypi_silero_vad": "every weight is a Constant inside the branches of one If",
 }
 """Models with nothing to train, and why; their own tests check how they are refused."""
 
@@ -377,13 +376,25 @@ def test_com_microsoft_ops_are_named_when_they_lie_on_the_path():
     assert emitted and {n.domain for n in emitted} <= {"", "ai.onnx"}
 
 
-def test_weights_inside_if_branches_leave_nothing_to_train():
+def test_weights_inside_if_branches_are_lifted_out():
     # spox's Silero VAD: one If on the sample rate holds the whole network, its weights
-    # Constants of the branches; nothing in the main graph is a parameter.
+    # Constants of the branches; nothing in the main graph is a parameter until the repair
+    # lifts them out, one set per sample rate, and the outputs stay as they were.
     case = case_for("pypi_silero_vad")
     model = load(case.model_path)
     assert [n.op_type for n in model.graph.node if n.op_type == "If"] == ["If"]
-    assert trainable_parameters(model) == [] and not check.constant_weights(model)
+    assert trainable_parameters(model) == []
+    held = check.constant_weights(model)
+    repaired, changes = check.constants_to_initializers(onnx.load(case.model_path))
+    names = trainable_parameters(load(repaired))
+    assert len(changes) == len(held) == len(names) == 20
+    assert sum("then_branch" in n for n in names) == sum("else_branch" in n for n in names) == 10
+    feeds = case.inputs()
+    for ours, theirs in zip(
+        onnxgrad.Session(repaired).run(None, feeds),
+        onnxgrad.Session(case.model_path).run(None, feeds),
+    ):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_numpy_runs_past_ml_nodes_off_the_requested_path():

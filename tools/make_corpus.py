@@ -905,17 +905,22 @@ def make_torch_cnn_opset9(folder: Path) -> dict:
 # TensorFlow and Keras models converted by tf2onnx.
 
 
-def _keras_convert(build, signature: list[tuple], opset: int, folder: Path):
+def _keras_case(
+    name: str, what: str, build, signature: list[tuple], opset: int, folder: Path
+) -> dict:
     """Build a Keras model, perturb its weights, convert it with tf2onnx, and save both sides.
 
     Args:
+        name: the corpus name.
+        what: the layers, for the manifest's origin.
         build: makes the keras.Model (Keras 3 on the TensorFlow backend).
         signature: per input, (name, shape with None for dynamic sizes, dtype, the value fed).
         opset: the opset tf2onnx writes.
+        folder: where model.onnx and data.npz (inputs, Keras's outputs under the ONNX output
+            names) go.
 
     Returns:
-        The converted ModelProto, with model.onnx and data.npz (inputs, Keras's outputs under
-        the ONNX output names) written into `folder`.
+        The manifest; the loss is the mean squared error of the first output.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     quiet = io.StringIO()
@@ -944,7 +949,14 @@ def _keras_convert(build, signature: list[tuple], opset: int, folder: Path):
     _save(folder, converted, data)
     made = f"Keras {keras.__version__} (TensorFlow {tf.__version__}) through tf2onnx "
     made += f"{tf2onnx.__version__}: tf2onnx.convert.from_keras(opset={opset})"
-    return converted, made
+    return _manifest(
+        converted,
+        name,
+        source="tensorflow",
+        origin=f"tools/make_corpus.py: {what}",
+        made=made,
+        loss={"kind": "mse", "output": converted.graph.output[0].name},
+    )
 
 
 def make_keras_cnn(folder: Path) -> dict:
@@ -964,16 +976,13 @@ def make_keras_cnn(folder: Path) -> dict:
         return keras.Model(image, layers.Dense(5, activation="softmax", name="probs")(x))
 
     image = np.random.default_rng(SEED).standard_normal((4, 12, 12, 3)).astype(np.float32)
-    model, made = _keras_convert(
-        build, [("image", (None, 12, 12, 3), "float32", image)], 13, folder
-    )
-    return _manifest(
-        model,
+    return _keras_case(
         "tf_keras_cnn",
-        source="tensorflow",
-        origin="tools/make_corpus.py: Conv2D-BatchNorm-MaxPool-DepthwiseConv2D-SeparableConv2D",
-        made=made,
-        loss={"kind": "mse", "output": model.graph.output[0].name},
+        "Conv2D-BatchNorm-MaxPool-DepthwiseConv2D-SeparableConv2D",
+        build,
+        [("image", (None, 12, 12, 3), "float32", image)],
+        13,
+        folder,
     )
 
 
@@ -992,16 +1001,13 @@ def make_keras_transformer(folder: Path) -> dict:
         return keras.Model(x, y)
 
     x = np.random.default_rng(SEED).standard_normal((3, 10, 8)).astype(np.float32)
-    model, made = _keras_convert(
-        build, [("x", (None, 10, 8), "float32", x)], 17, folder
-    )
-    return _manifest(
-        model,
+    return _keras_case(
         "tf_keras_transformer",
-        source="tensorflow",
-        origin="tools/make_corpus.py: Dense, MultiHeadAttention, LayerNormalization, GELU",
-        made=made,
-        loss={"kind": "mse", "output": model.graph.output[0].name},
+        "Dense, MultiHeadAttention, LayerNormalization, GELU",
+        build,
+        [("x", (None, 10, 8), "float32", x)],
+        17,
+        folder,
     )
 
 
@@ -1017,16 +1023,13 @@ def make_keras_lstm(folder: Path) -> dict:
         return keras.Model(tokens, layers.Dense(3, name="logits")(x))
 
     tokens = np.random.default_rng(SEED).integers(0, 40, (4, 7)).astype(np.int32)
-    model, made = _keras_convert(
-        build, [("tokens", (None, None), "int32", tokens)], 15, folder
-    )
-    return _manifest(
-        model,
+    return _keras_case(
         "tf_keras_lstm",
-        source="tensorflow",
-        origin="tools/make_corpus.py: Embedding-LSTM-GlobalMaxPooling1D-Dense",
-        made=made,
-        loss={"kind": "mse", "output": model.graph.output[0].name},
+        "Embedding-LSTM-GlobalMaxPooling1D-Dense",
+        build,
+        [("tokens", (None, None), "int32", tokens)],
+        15,
+        folder,
     )
 
 
@@ -1041,16 +1044,13 @@ def make_keras_gru(folder: Path) -> dict:
         return keras.Model(x, layers.Dense(2, name="y")(h))
 
     x = np.random.default_rng(SEED).standard_normal((3, 5, 6)).astype(np.float32)
-    model, made = _keras_convert(
-        build, [("x", (None, None, 6), "float32", x)], 15, folder
-    )
-    return _manifest(
-        model,
+    return _keras_case(
         "tf_keras_gru",
-        source="tensorflow",
-        origin="tools/make_corpus.py: GRU-SimpleRNN-Dense",
-        made=made,
-        loss={"kind": "mse", "output": model.graph.output[0].name},
+        "GRU-SimpleRNN-Dense",
+        build,
+        [("x", (None, None, 6), "float32", x)],
+        15,
+        folder,
     )
 
 
@@ -1283,10 +1283,7 @@ RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
 MAGIKA = "magika==1.0.3"
 SILERO = "silero-vad==6.2.3"
 _PADDLE = "PaddlePaddle through paddle2onnx (p2o.* names, -1 for dynamic sizes)"
-_SILERO_NOTE = (
-    "only the layers after the LSTM: its backward needs a static sequence length, and "
-    "the graph declares the {} dimension symbolic"
-)
+_SILERO_NOTE = "everything but the STFT basis trains, the LSTM over a symbolic sequence length"
 
 PYPI = (
     WheelModel(
@@ -1335,8 +1332,12 @@ PYPI = (
         "silero_vad/data/silero_vad.onnx",
         "PyTorch, rewritten by spox: one If on the sample rate holds the whole network",
         lambda: {**_chunk(state=(2, 1, 128)), "sr": np.array(16000, np.int64)},
-        None,
-        note="nothing to train: every weight is a Constant inside the If's branches",
+        {"kind": "mse", "output": "output"},
+        target=_probabilities,
+        trainable=["*encoder*", "*decoder*"],
+        note="every weight is a Constant inside the If's branches, lifted out by the repair; "
+        "the STFT basis stays frozen, and the LSTM's weights, sliced out of one Constant, "
+        "stay constants",
     ),
     WheelModel(
         "pypi_silero_vad_16k_op15",
@@ -1345,9 +1346,8 @@ PYPI = (
         "torch.onnx.export at opset 15: If nodes on the sample rate and on the input's rank",
         lambda: {**_chunk(state=(2, 1, 128)), "sr": np.array(16000, np.int64)},
         {"kind": "mse", "output": "output"},
-        trainable=["model.decoder.decoder.2.*"],
-        note=_SILERO_NOTE.format("sequence")
-        + "; the LSTM's weights are read only inside an If, so they count as no parameter",
+        trainable=["model.encoder.*", "model.decoder.*"],
+        note=_SILERO_NOTE,
     ),
     WheelModel(
         "pypi_silero_vad_16k_sequence",
@@ -1356,8 +1356,8 @@ PYPI = (
         "torch.onnx.export at opset 16, no control flow: STFT Conv, encoder, LSTM over chunks",
         lambda: _chunk(h=(1, 1, 128), c=(1, 1, 128)),
         {"kind": "mse", "output": "speech_probs"},
-        trainable=["output.*"],
-        note=_SILERO_NOTE.format("sequence_length"),
+        trainable=["encoder.*", "onnx::LSTM_*", "output.*"],
+        note=_SILERO_NOTE,
     ),
 )
 """The models of the pypi source. openwakeword 0.6.0 ships no ONNX file in its wheel (it
