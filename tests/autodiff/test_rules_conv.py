@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from onnxgrad.errors import UnsupportedOpError
 from tests.optable import Case, check_case, params
 
 CASES = []
@@ -75,20 +74,36 @@ _conv(
     dilations=[1, 2],
     kernel_shape=[2, 3],
 )
+# SAME padding over sizes known only at run time (tf2onnx writes it for Keras models with
+# dynamic image sizes): the rule pads at run time. Odd and even totals, both sides; no
+# dilations (onnxruntime refuses them with SAME).
+_conv((2, 2, 7), (3, 2, 2), id="1d_dynamic_same", dynamic=True, auto_pad="SAME_UPPER")
 _conv(
-    (2, 2, 7),
-    (3, 2, 2),
-    id="1d_dynamic_same",
+    (2, 2, 6),
+    (3, 2, 3),
+    bias=True,
+    id="1d_dynamic_same_lower_stride2",
+    dynamic=True,
+    auto_pad="SAME_LOWER",
+    strides=[2],
+)
+_conv(
+    (2, 4, 7, 6),
+    (4, 2, 3, 2),
+    bias=True,
+    id="2d_dynamic_same_group2_stride",
     dynamic=True,
     auto_pad="SAME_UPPER",
-    kernel_shape=[2],
-    marks=(
-        pytest.mark.xfail(
-            raises=UnsupportedOpError,
-            strict=True,
-            reason="auto_pad=SAME_* needs static spatial sizes",
-        ),
-    ),
+    group=2,
+    strides=[2, 3],
+)
+_conv(
+    (2, 2, 5, 4),
+    (3, 2, 2, 3),
+    id="2d_dynamic_same_lower_stride3",
+    dynamic=True,
+    auto_pad="SAME_LOWER",
+    strides=[3, 1],
 )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from onnxgrad.errors import UnsupportedOpError
 from tests.optable import Case, check_case, distinct, params, uniform
 
 CASES = []
@@ -116,6 +115,8 @@ for _cip in (0, 1):
         ceil_mode=1,
         count_include_pad=_cip,
     )
+# SAME padding over sizes known only at run time: the rules pad at run time. Kernels at
+# least as long as the stride and no dilations: onnxruntime's forward fails otherwise.
 _pool(
     "AveragePool",
     (2, 2, 7),
@@ -123,13 +124,45 @@ _pool(
     dynamic=True,
     kernel_shape=[3],
     auto_pad="SAME_UPPER",
-    marks=(
-        pytest.mark.xfail(
-            raises=UnsupportedOpError,
-            strict=True,
-            reason="auto_pad=SAME_* needs static spatial sizes",
-        ),
-    ),
+)
+for _cip in (0, 1):
+    _pool(
+        "AveragePool",
+        (2, 2, 7, 6),
+        id=f"2d_dynamic_same_lower_cip{_cip}",
+        dynamic=True,
+        kernel_shape=[3, 3],
+        strides=[2, 2],
+        auto_pad="SAME_LOWER",
+        count_include_pad=_cip,
+    )
+_pool(
+    "MaxPool",
+    (2, 2, 7, 6),
+    id="2d_dynamic_same_upper",
+    dynamic=True,
+    kernel_shape=[3, 3],
+    strides=[2, 2],
+    auto_pad="SAME_UPPER",
+)
+_pool(
+    "MaxPool",
+    (2, 2, 8),
+    id="1d_dynamic_same_lower_stride2",
+    dynamic=True,
+    kernel_shape=[3],
+    strides=[2],
+    auto_pad="SAME_LOWER",
+)
+_pool(
+    "LpPool",
+    (2, 2, 5, 6),
+    id="2d_dynamic_same_p2",
+    dynamic=True,
+    kernel_shape=[2, 3],
+    strides=[2, 2],
+    auto_pad="SAME_UPPER",
+    p=2,
 )
 
 # LpPool: p = 1 has a kink at 0 (uniform samples avoid it almost surely), p = 2, 3.

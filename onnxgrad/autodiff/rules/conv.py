@@ -12,7 +12,8 @@ The only subtle part is the sizes. When the stride does not divide the padded in
 evenly, the last few input entries are never read; the backward ops are padded and
 cropped so that every gradient has exactly the shape of its tensor. The window geometry
 (auto_pad, ceil_mode, output sizes) is resolved here from static shapes; the pooling
-rules share it.
+rules share it. SAME padding over sizes known only at run time is applied by a Pad whose
+pads are computed from the input's shape, and the padded tensor is swept without padding.
 """
 
 from __future__ import annotations
@@ -134,6 +135,85 @@ def sweep(b, node, x: str, kernel: Sequence[Dim], ceil_mode: bool = False) -> Sw
     return Sweep(nsp, list(kernel), strides, dilations, begin, end, sizes, out)
 
 
+@dataclass
+class Padded:
+    """A tensor padded at run time as auto_pad SAME_UPPER or SAME_LOWER pads it.
+
+    For spatial sizes known only at run time: the rule sweeps `x` (the padded tensor) with
+    `sweep`, which has no padding left, then `unpad` cuts its gradient back to the input.
+
+    Attributes:
+        x: the padded tensor.
+        begin: the padding before each spatial axis, int64 (nsp,).
+        pads: Pad's pads for all axes, int64 (2·(nsp + 2),).
+        sizes: the input's spatial sizes, int64 (nsp,).
+        sweep: the windows' geometry over `x` (VALID).
+    """
+
+    x: str
+    begin: str
+    pads: str
+    sizes: str
+    sweep: Sweep
+
+    def unpad(self, b, g: str) -> str:
+        """g, shaped like the padded tensor, without the padding."""
+        axes = b.ints(list(range(2, 2 + self.sweep.nsp)))
+        return b.Slice(g, self.begin, b.Add(self.begin, self.sizes), axes)
+
+
+def pad_same(
+    b, node, x: str, kernel: Sequence[Dim], fill: float = 0.0, weights: str | None = None
+) -> Padded | None:
+    """`x` padded as auto_pad SAME_* pads it, when that padding is known only at run time.
+
+    Returns None when the node has no SAME auto_pad or x's spatial sizes are static (then
+    `sweep` resolves the padding as constants). Per axis, the padding brings the output to
+    ⌈L / s⌉ windows: total = max(0, (⌈L / s⌉ − 1)·s + d·(k − 1) + 1 − L), split with the odd
+    entry at the end (SAME_UPPER) or the start (SAME_LOWER). `fill` is the padding's value.
+    A kernel size that is not static is read from the shape of `weights` at run time.
+
+    Raises:
+        NotImplementedError: the kernel's size is not static and no `weights` are given, or
+            the opset is below 11 (Pad takes its pads as an input from 11 on).
+    """
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        return None
+    nsp = len(kernel)
+    shape = b.shape(x)
+    if shape is not None and len(shape) == nsp + 2 and all(isinstance(d, int) for d in shape[2:]):
+        return None
+    if (None in kernel and weights is None) or b.opset < 11:
+        need = "opset 11 (run-time Pad)" if b.opset < 11 else "a static kernel size"
+        raise NotImplementedError(
+            f"{node.op_type} node '{node.name}' with auto_pad={auto_pad} over spatial sizes "
+            f"known only at run time: padding them needs {need}; give the model static "
+            "spatial sizes or explicit pads"
+        )
+    strides = list(node.attrs.get("strides") or [1] * nsp)
+    dilations = list(node.attrs.get("dilations") or [1] * nsp)
+    sizes = spatial_shape(b, x)
+    stride = b.ints(strides)
+    one, zero = b.ints([1]), b.ints([0])
+    target = b.Div(b.Add(sizes, b.Sub(stride, one)), stride)  # ⌈L / s⌉
+    if None in kernel:  # d·(k − 1) + 1 from the weights' shape
+        span = b.Add(b.Mul(b.ints(dilations), b.Sub(spatial_shape(b, weights), one)), one)
+    else:
+        span = b.ints([d * (k - 1) + 1 for d, k in zip(dilations, kernel)])
+    total = b.Sub(b.Add(b.Mul(b.Sub(target, one), stride), span), sizes)
+    total = b.Where(b.Less(total, zero), zero, total)
+    half = b.Div(total, b.ints([2]))
+    rest = b.Sub(total, half)
+    begin, end = (half, rest) if auto_pad == "SAME_UPPER" else (rest, half)
+    outer = b.ints([0, 0])
+    pads = b.Concat(outer, begin, outer, end, axis=0)
+    padded = b.Pad(x, pads, b.const(fill, like=x))
+    none = [None] * nsp
+    sw = Sweep(nsp, list(kernel), strides, dilations, [0] * nsp, [0] * nsp, none, none)
+    return Padded(padded, begin, pads, sizes, sw)
+
+
 def spatial_shape(b, x: str, dims: Sequence[Dim] | None = None) -> str:
     """The spatial part of x's shape as an int64 tensor (a constant when static)."""
     if dims is not None and None not in dims:
@@ -252,9 +332,15 @@ def conv(b, node, dys):
     x, w = node.input[0], node.input[1]
     group = int(node.attrs.get("group", 1))
     nsp = spatial_rank(b, node, x, w)
-    sw = sweep(b, node, x, _kernel(b, node, w, nsp))
-    dx = spread(b, dy, w, x, sw, group) if node.needs_grad(0) else None
-    dw = correlate(b, x, dy, sw, group, w) if node.needs_grad(1) else None
+    kernel = _kernel(b, node, w, nsp)
+    padded = pad_same(b, node, x, kernel, weights=w)
+    if padded is not None:  # SAME padding over sizes known only at run time
+        xp, sw = padded.x, padded.sweep
+        dx = padded.unpad(b, spread(b, dy, w, xp, sw, group)) if node.needs_grad(0) else None
+    else:
+        xp, sw = x, sweep(b, node, x, kernel)
+        dx = spread(b, dy, w, x, sw, group) if node.needs_grad(0) else None
+    dw = correlate(b, xp, dy, sw, group, w) if node.needs_grad(1) else None
     db = _bias_grad(b, dy, nsp) if node.needs_grad(2) else None
     return [dx, dw, db]
 

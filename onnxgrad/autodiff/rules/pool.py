@@ -13,16 +13,30 @@ import numpy as np
 from onnx import helper, numpy_helper
 
 from onnxgrad.autodiff.rules import rule
-from onnxgrad.autodiff.rules.conv import Sweep, crop, spatial_shape, spread, sweep
+from onnxgrad.autodiff.rules.conv import (
+    Padded,
+    Sweep,
+    crop,
+    pad_same,
+    spatial_shape,
+    spread,
+    sweep,
+)
 from onnxgrad.autodiff.rules.shape import need_rank
 
 
-def _pool_sweep(b, node) -> Sweep:
+def _pool_sweep(b, node, fill: float = 0.0) -> tuple[Sweep, Padded | None]:
+    """The windows' geometry, and the padded input when SAME padding is known only at run
+    time (then the geometry is over the padded input; see `conv.pad_same`)."""
     x = node.input[0]
     kernel = node.attrs.get("kernel_shape")
     if not kernel:
         raise NotImplementedError(f"{node.op_type} node '{node.name}' has no kernel_shape")
-    return sweep(b, node, x, [int(k) for k in kernel], bool(node.attrs.get("ceil_mode", 0)))
+    kernel = [int(k) for k in kernel]
+    padded = pad_same(b, node, x, kernel, fill)
+    if padded is not None:
+        return padded.sweep, padded
+    return sweep(b, node, x, kernel, bool(node.attrs.get("ceil_mode", 0))), None
 
 
 def _spread_planes(b, g: str, x: str, sw: Sweep) -> str:
@@ -93,9 +107,19 @@ def _counts(b, node, sw: Sweep, dy: str) -> str:
 @rule("AveragePool")
 def average_pool(b, node, dys):
     """y = Σ_window x / count  →  dx = Σ over the windows that hold x of dy / count"""
-    sw = _pool_sweep(b, node)
-    g = b.Div(dys[0], _counts(b, node, sw, dys[0]))
-    return [_spread_planes(b, g, node.input[0], sw)]
+    x = node.input[0]
+    sw, padded = _pool_sweep(b, node)
+    if padded is None:
+        g = b.Div(dys[0], _counts(b, node, sw, dys[0]))
+        return [_spread_planes(b, g, x, sw)]
+    if node.attrs.get("count_include_pad", 0):
+        count = b.const(float(math.prod(sw.kernel)), like=x)
+    else:  # the taps on the input: a plane of ones, padded with zeros, swept with ones
+        plane = b.Pad(_ones_plane(b, x, padded.sizes), padded.pads)  # (1, 1, *space) as x
+        ones = b.const(np.ones((1, 1, *sw.kernel)), like=x)
+        count = b.Conv(plane, ones, strides=sw.strides, dilations=sw.dilations)
+    g = b.Div(dys[0], count)
+    return [padded.unpad(b, _spread_planes(b, g, padded.x, sw))]
 
 
 @rule("LpPool")
@@ -103,9 +127,13 @@ def lp_pool(b, node, dys):
     """y = (Σ_window |x|ᵖ)^(1/p)  →  dx = sign(x)·|x|^(p−1) · Σ_windows∋x dy·y^(1−p)"""
     x, y = node.input[0], node.output[0]
     p = float(node.attrs.get("p", 2))
-    sw = _pool_sweep(b, node)
+    sw, padded = _pool_sweep(b, node)
     g = _lp_scale(b, dys[0], y, p)
-    return [b.Mul(_spread_planes(b, g, x, sw), _lp_local(b, x, p))]
+    if padded is None:
+        spread_g = _spread_planes(b, g, x, sw)
+    else:
+        spread_g = padded.unpad(b, _spread_planes(b, g, padded.x, sw))
+    return [b.Mul(spread_g, _lp_local(b, x, p))]
 
 
 def _lp_scale(b, dy: str, y: str, p: float) -> str:
@@ -149,8 +177,17 @@ def max_pool(b, node, dys):
     #    because a MaxPool without the output does not keep the positions anywhere.
     #    Ties: the position MaxPool reports (the first maximum in scan order in
     #    onnxruntime) gets the whole gradient.
+    #    SAME padding over sizes known only at run time: the input padded with -inf
+    #    (never a maximum) and swept without padding; the gradient is cut back at the end.
+    kernel = [int(k) for k in node.attrs.get("kernel_shape") or []]
+    padded = pad_same(b, node, x, kernel, fill=-np.inf) if kernel else None
     outputs = node.output
-    if len(outputs) > 1 and outputs[1] and not node.attrs.get("storage_order", 0):
+    if padded is not None:
+        drop = ("storage_order", "auto_pad", "pads", "ceil_mode")
+        attrs = {k: v for k, v in node.attrs.items() if k not in drop}
+        x = padded.x
+        _, indices = b.op("MaxPool", x, outputs=2, **attrs)
+    elif len(outputs) > 1 and outputs[1] and not node.attrs.get("storage_order", 0):
         indices = outputs[1]
     else:
         attrs = {k: v for k, v in node.attrs.items() if k != "storage_order"}
@@ -166,7 +203,8 @@ def max_pool(b, node, dys):
     dx = b.ScatterElements(
         zeros, b.Reshape(indices, flat), b.Reshape(dy, flat), axis=0, reduction="add"
     )
-    return [b.Reshape(dx, b.Shape(x))]
+    dx = b.Reshape(dx, b.Shape(x))
+    return [padded.unpad(b, dx) if padded is not None else dx]
 
 
 @rule("GlobalAveragePool")
