@@ -289,6 +289,7 @@ def recipes() -> list[Recipe]:
         Recipe("hf_llama_tiny_dynamo", "transformers", make_llama),
         Recipe("torch_cnn_opset9_inputs", "torch", make_torch_cnn_opset9, small=True),
         Recipe("tf_keras_cnn", "tensorflow", make_keras_cnn, small=True),
+        Recipe("tf_keras_fcn", "tensorflow", make_keras_fcn, small=True),
         Recipe("tf_keras_transformer", "tensorflow", make_keras_transformer, small=True),
         Recipe("tf_keras_lstm", "tensorflow", make_keras_lstm, small=True),
         Recipe("tf_keras_gru", "tensorflow", make_keras_gru, small=True),
@@ -981,6 +982,31 @@ def make_keras_cnn(folder: Path) -> dict:
         "Conv2D-BatchNorm-MaxPool-DepthwiseConv2D-SeparableConv2D",
         build,
         [("image", (None, 12, 12, 3), "float32", image)],
+        13,
+        folder,
+    )
+
+
+def make_keras_fcn(folder: Path) -> dict:
+    """A fully convolutional net over images of any size: tf2onnx writes auto_pad=SAME_UPPER
+    (the padding is known only at run time) for its Conv and pooling."""
+
+    def build(keras):
+        layers = keras.layers
+        image = keras.Input((None, None, 3), name="image")
+        x = layers.Conv2D(6, 3, padding="same", activation="relu")(image)
+        x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+        x = layers.Conv2D(8, 3, strides=2, padding="same", activation="tanh")(x)
+        x = layers.AveragePooling2D(2, padding="same")(x)
+        x = layers.GlobalAveragePooling2D()(x)
+        return keras.Model(image, layers.Dense(4, name="logits")(x))
+
+    image = np.random.default_rng(SEED).standard_normal((3, 11, 9, 3)).astype(np.float32)
+    return _keras_case(
+        "tf_keras_fcn",
+        "Conv2D-MaxPooling2D-Conv2D-AveragePooling2D (padding='same'), any image size",
+        build,
+        [("image", (None, None, None, 3), "float32", image)],
         13,
         folder,
     )
