@@ -348,3 +348,50 @@ def test_a_model_over_2_gb_trains_and_saves_with_its_data_on_disk(tmp_path):
     np.testing.assert_array_equal(
         np.fromfile(src / "w.bin", np.float32, count=n, offset=w_bytes - n * 4), last
     )
+
+
+def _lowest_ir(opset: int) -> int:
+    """The lowest IR version that onnx's release table pairs with `opset`."""
+    return min(ir for _, ir, top, *_ in helper.VERSION_TABLE if top >= opset and ir >= 3)
+
+
+IR_OPSETS = sorted(
+    {(_lowest_ir(op), op) for op in range(7, onnx.defs.onnx_opset_version() + 1)}
+    | {(8, 7), (10, 18), (helper.VERSION_TABLE[-1][1], 18)}
+)
+"""Each opset from 7 to the newest at the lowest IR version that carries it, and a few
+older opsets under newer IR versions (IR 3 lists initializers as graph inputs)."""
+
+
+@pytest.mark.parametrize("ir, opset", IR_OPSETS, ids=[f"ir{i}-opset{o}" for i, o in IR_OPSETS])
+def test_every_ir_version_trains_and_saves_as_it_came(tmp_path, ir, opset):
+    # y = x·W + b: the gradient of Σ y·r is xᵀr and Σ r, whatever the versions say.
+    model = linear_model(opset=opset, ir=ir)
+    if ir < 4:
+        for t in model.graph.initializer:
+            model.graph.input.append(
+                helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            )
+    onnx.checker.check_model(model)
+    rng = np.random.default_rng(opset)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    r = rng.standard_normal((5, 3)).astype(np.float32)
+    grad = onnxgrad.gradient_model(model, wrt=["W", "b"], loss=None)
+    dw, db = onnxgrad.Session(grad).run(["W_grad", "b_grad"], {"x": x, "y_grad": r})
+    np.testing.assert_allclose(dw, x.T @ r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(db, r.sum(axis=0), rtol=1e-5, atol=1e-6)
+
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    trainer = onnxgrad.Trainer(path, loss="mse", optimizer=onnxgrad.optim.SGD(lr=0.05))
+    target = x @ rng.standard_normal((4, 3)).astype(np.float32)
+    losses = [trainer.step(x, target) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    trainer.save(tmp_path / "tuned.onnx")
+    saved = onnx.load(tmp_path / "tuned.onnx")
+    assert (saved.ir_version, opset_of(saved)) == (ir, opset)
+    assert [i.name for i in saved.graph.input] == [i.name for i in model.graph.input]
+    (y,) = onnxgrad.Session(saved).run(None, {"x": x})
+    w, b = (numpy_helper.to_array(t) for t in saved.graph.initializer)
+    np.testing.assert_allclose(y, x @ w + b, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(w, numpy_helper.to_array(model.graph.initializer[0]))
