@@ -693,6 +693,8 @@ def _shape_ml_outputs(model: onnx.ModelProto) -> bool:
 def _convert(model: onnx.ModelProto, opset: int, source: Source) -> onnx.ModelProto:
     try:
         converted = onnx.version_converter.convert_version(model, CANONICAL_OPSET)
+        if opset < 11:
+            _retype_pad_values(converted, _element_types(model))
         # The converter leaves the IR version as it was; the new opset needs a newer one
         # (what later stages write, such as TrainingInfoProto, checks it). Initializers
         # that an IR < 4 model lists as inputs stay listed: overridable inputs.
@@ -712,6 +714,42 @@ def _convert(model: onnx.ModelProto, opset: int, source: Source) -> onnx.ModelPr
         return model
     logger.debug("converted %s from opset %d to %d", _describe(source), opset, CANONICAL_OPSET)
     return converted
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of every main-graph tensor whose type shape inference finds."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(checkable(model))
+    except Exception:  # noqa: BLE001 - the types are only a hint for `_retype_pad_values`
+        return {}
+    graph = inferred.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def _retype_pad_values(model: onnx.ModelProto, types: dict[str, int]) -> None:
+    """Give the constant_value the converter adds to a Pad the type of the padded tensor.
+
+    onnx's adapter from Pad-2's `value` attribute to Pad-11's input writes a float32
+    Constant whatever the data type, which fails type inference for float64 (or float16)
+    models; `types` are the element types of the model before conversion.
+    """
+    producers = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    for node in model.graph.node:
+        if node.op_type != "Pad" or len(node.input) < 3 or not node.input[2]:
+            continue
+        want = types.get(node.input[0])
+        constant = producers.get(node.input[2])
+        if want is None or constant is None or not constant.attribute:
+            continue
+        tensor = constant.attribute[0].t
+        if constant.attribute[0].name != "value" or tensor.data_type == want:
+            continue
+        value = numpy_helper.to_array(tensor).astype(helper.tensor_dtype_to_np_dtype(want))
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
 
 
 def _describe(source: Source) -> str:

@@ -395,3 +395,23 @@ def test_every_ir_version_trains_and_saves_as_it_came(tmp_path, ir, opset):
     w, b = (numpy_helper.to_array(t) for t in saved.graph.initializer)
     np.testing.assert_allclose(y, x @ w + b, rtol=1e-5, atol=1e-6)
     assert not np.array_equal(w, numpy_helper.to_array(model.graph.initializer[0]))
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.DOUBLE, TensorProto.FLOAT16])
+def test_old_pad_of_a_non_float32_tensor_is_converted(dtype):
+    # onnx's converter writes Pad-11's constant_value as float32 whatever the data type;
+    # the importer gives it the data's type, so the model reaches the canonical opset.
+    x = helper.make_tensor_value_info("x", dtype, [1, 2, 3, 3])
+    y = helper.make_tensor_value_info("y", dtype, [1, 2, 5, 4])
+    pad = helper.make_node("Pad", ["x"], ["y"], pads=[0, 0, 1, 0, 0, 0, 1, 1], value=1.5)
+    model = helper.make_model(
+        helper.make_graph([pad], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 9)]
+    )
+    model.ir_version = 4
+    loaded = load(model)
+    assert opset_of(loaded) == CANONICAL_OPSET
+    value = np.arange(18).reshape(1, 2, 3, 3).astype(helper.tensor_dtype_to_np_dtype(dtype))
+    (out,) = onnxgrad.Session(loaded).run(None, {"x": value})
+    want = np.pad(value, [(0, 0), (0, 0), (1, 1), (0, 1)], constant_values=1.5)
+    np.testing.assert_array_equal(out, want)
+    assert out.dtype == value.dtype

@@ -7,10 +7,9 @@ up to the canonical one, newer ones kept) and its gradients, for loss = sum(outp
 must match torch's to 1e-4 of the largest torch gradient in float32 and 1e-9 in float64.
 
 torch writes Erf for GELU at opsets 7 and 8, where Erf does not exist yet: those exports
-fail the ONNX checker, and the test checks that the error says so. In float64, onnx's
-version converter fails on the CNN's Pad at opsets 7 to 9 (the constant_value input it
-makes is float32), so that model stays at its opset; its MaxPool gradient needs
-ScatterElements with reduction (opset 16) there, and the error says so.
+fail the ONNX checker, and the test checks that the error says so. (In float64 the CNN's
+Pad at opsets 7 to 9 is where onnx's version converter writes a float32 constant_value;
+the importer retypes it.)
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 import onnxgrad
 from onnxgrad.autodiff.builder import GRAD_SUFFIX
-from onnxgrad.errors import ModelLoadError, OnnxgradError
+from onnxgrad.errors import ModelLoadError
 from onnxgrad.importer import CANONICAL_OPSET, opset_of
 from tests.models import MODELS, build, example_input, map_parameters, quiet, torch_gradients
 
@@ -74,8 +73,6 @@ def exported(tmp_path_factory):
 def _known_failure(kind: str, dtype: str, opset: int) -> str | None:
     if kind == "transformer" and opset < 9:
         return "Erf"
-    if kind == "cnn" and dtype == "float64" and opset < 10:
-        return "Pad"
     return None
 
 
@@ -93,11 +90,6 @@ def test_gradients_match_torch_at_every_opset(exported, kind, dtype, opset):
     model = onnxgrad.load(written)
     mapping = map_parameters(model, module)
     wrt = [*mapping.onnx_to_torch, "input"]
-    if failure == "Pad":
-        assert opset_of(model) == opset
-        with pytest.raises(OnnxgradError, match="MaxPool .* needs opset >= 16"):
-            onnxgrad.gradient_model(model, wrt=wrt, loss="output")
-        return
     assert opset_of(model) == max(opset, CANONICAL_OPSET)
 
     grad = onnxgrad.gradient_model(model, wrt=wrt, loss="output")
