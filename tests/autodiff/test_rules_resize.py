@@ -86,7 +86,7 @@ CASES += [
         ort=False,
     ),
     # onnx cannot infer Upsample's output shape here, so the table's loss takes the run-time
-    # sum_to path, which emits ReduceSum with an axes input: valid from opset 13 only.
+    # sum_to path, which needs Slice with run-time ends (opset 10); Upsample is opset 9.
     Case(
         "Upsample",
         [(1, 2, 3, 4), np.array([1.0, 1.0, 2.0, 1.5])],
@@ -95,7 +95,7 @@ CASES += [
         marks=(
             pytest.mark.xfail(
                 strict=True,
-                reason="run-time sum_to needs opset 13 (emitter); see test_old_opsets below",
+                reason="run-time sum_to needs opset 10 (emitter); see test_old_opsets below",
             ),
         ),
     ),
