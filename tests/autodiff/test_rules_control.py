@@ -445,8 +445,8 @@ def keras_while_model(dtype, shared: bool = False):
 
 
 def loop_in_loop_model(dtype, outer_trip=None, inner_trip=None):
-    """h ← u · loop M₂ times (g ← tanh(g·w + i)) from h, M₁ times: a Loop in a Loop's body,
-    each M fed at run time (or constant when given)."""
+    """h ← u · loop M₂ times (g ← tanh(g·w + i)) from h, M₁ times:
+    a Loop in a Loop's body, each M fed at run time (or constant when given)."""
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     rng = np.random.default_rng(9)
     inner = helper.make_graph(

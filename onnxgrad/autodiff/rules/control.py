@@ -146,11 +146,14 @@ def _trip_count(b, node, body: onnx.GraphProto) -> int | None:
 
 @rule("Loop")
 def loop(b, node, dys):
-    """(v_final, scans) = loop: (cond, v, s) = body(i, cond, v)  →  vₜ₊₁, sₜ = body(t, true, vₜ)
-    for the n steps run, and dv₀ = ∂/∂v₀ (Σₜ ⟨dscans[t], sₜ⟩ + ⟨dv_final, vₙ⟩), likewise for
-    the outer tensors the body reads (summed over steps). A static n unrolls the steps;
-    otherwise a reverse Loop runs dvₜ = ∂/∂vₜ (⟨dvₜ₊₁, vₜ₊₁⟩ + ⟨dscans[t], sₜ⟩) for
-    t = n − 1 … 0 from dvₙ = dv_final. M, cond and integer carried values: none.
+    """(v_final, scans) = loop: (cond, v, s) = body(i, cond, v)
+    →  vₜ₊₁, sₜ = body(t, true, vₜ) for the n steps run, and
+    dv₀ = ∂/∂v₀ (Σₜ ⟨dscans[t], sₜ⟩ + ⟨dv_final, vₙ⟩),
+    likewise for the outer tensors the body reads (summed over steps).
+    A static n unrolls the steps; otherwise a reverse Loop runs
+    dvₜ = ∂/∂vₜ (⟨dvₜ₊₁, vₜ₊₁⟩ + ⟨dscans[t], sₜ⟩)
+    for t = n − 1 … 0 from dvₙ = dv_final.
+    M, cond and integer carried values: none.
     """
     body = node.attrs["body"]
     sources, wanted = _wanted(b, node)
@@ -214,10 +217,11 @@ def _pieces(b, x: str, length: int, axis: int) -> list[str]:
 
 @rule("Scan")
 def scan(b, node, dys):
-    """(s_final, ys) = scan(s₀, xs)  →  sₜ₊₁, yₜ = body(sₜ, x₁[t] … xₘ[t]) for t < L, with
-    each xⱼ sliced along its axis (from the end for a reverse direction) and ys stacked the
-    same way; dxⱼ is the stack of the slices' gradients and an outer weight's gradient is
-    summed over the L steps. A static L unrolls the steps; otherwise a reverse Loop runs
+    """(s_final, ys) = scan(s₀, xs)
+    →  sₜ₊₁, yₜ = body(sₜ, x₁[t] … xₘ[t]) for t < L, with each xⱼ sliced along
+    its axis (from the end for a reverse direction) and ys stacked the same way; dxⱼ is
+    the stack of the slices' gradients and an outer weight's gradient is summed over the
+    L steps. A static L unrolls the steps; otherwise a reverse Loop runs
     them backward, as for Loop.
     """
     if node.opset < 9:

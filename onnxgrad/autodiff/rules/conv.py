@@ -169,9 +169,11 @@ def pad_same(
 
     Returns None when the node has no SAME auto_pad or x's spatial sizes are static (then
     `sweep` resolves the padding as constants). Per axis, the padding brings the output to
-    ⌈L / s⌉ windows: total = max(0, (⌈L / s⌉ − 1)·s + d·(k − 1) + 1 − L), split with the odd
-    entry at the end (SAME_UPPER) or the start (SAME_LOWER). `fill` is the padding's value.
-    A kernel size that is not static is read from the shape of `weights` at run time.
+    ⌈L / s⌉ windows:
+        total = max(0, (⌈L / s⌉ − 1)·s + d·(k − 1) + 1 − L),
+    split with the odd entry at the end (SAME_UPPER) or the start (SAME_LOWER). `fill` is
+    the padding's value. A kernel size that is not static is read from the shape of
+    `weights` at run time.
 
     Raises:
         NotImplementedError: the kernel's size is not static and no `weights` are given, or
