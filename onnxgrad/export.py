@@ -35,7 +35,10 @@ from onnxgrad.importer import (
     BASEPATH,
     FLOAT_TYPES,
     MAPPED_TYPES,
+    PROTO_LIMIT,
     SMALL_TENSOR,
+    drop_basepaths,
+    external_info,
     in_memory_bytes,
     kept_external,
     load,
@@ -57,8 +60,6 @@ _DATA_FIELDS = (
     "raw_data",
 )
 
-# A serialized protobuf message cannot exceed 2 GiB; above this size, export external data.
-_PROTO_LIMIT = 2**31 - 2**26
 
 # Offsets in the data files `write_model` writes: tensors of 1 MiB or more start on a
 # 64 KiB boundary (the coarsest allocation granularity a runtime maps files with), the
@@ -110,7 +111,7 @@ def save_model(
     for name, value in fresh.items():
         tensor = tensors[name]
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = _external_info(tensor).get("location", "")
+            location = external_info(tensor).get("location", "")
             patches.setdefault(location, []).append((tensor, _raw(tensor, value)))
             continue
         new = numpy_helper.from_array(value, name)
@@ -132,7 +133,7 @@ def save_model(
             f"still reads ({', '.join(sorted(clobbered))}): save into another folder, or over "
             "the original model itself"
         )
-    _drop_basepaths(model)
+    drop_basepaths(model)
     folder.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, Path]] = []
     try:
@@ -217,8 +218,9 @@ def write_model(
         )
     for name, value in values.items():
         values[name] = _checked(tensors[name], np.asarray(value))
-    size = in_memory_bytes(out) + sum(v.nbytes for v in values.values())
-    external = bool(kept_external(out)) or size > _PROTO_LIMIT
+    replaced = sum(tensors[name].ByteSize() for name in values)
+    size = in_memory_bytes(out) - replaced + sum(v.nbytes for v in values.values())
+    external = bool(kept_external(out)) or size > PROTO_LIMIT
 
     path = Path(path)
     folder = path.resolve().parent
@@ -337,7 +339,7 @@ def _read_original(source) -> tuple[onnx.ModelProto, Path | None]:
         except Exception as err:
             raise ExportError(f"cannot re-read the original model '{path}': {err}") from err
         # As `load` does: a file's data lies in its own folder, whatever folder it names.
-        _drop_basepaths(model)
+        drop_basepaths(model)
         return model, path.resolve()
     try:
         return read(source), None
@@ -361,10 +363,6 @@ def _checked(tensor: onnx.TensorProto, value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value)
 
 
-def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
-
-
 def _external_sources(model: onnx.ModelProto, base: Path | None) -> dict[str, Path]:
     """The data file behind each external location of the original model, by location.
 
@@ -375,7 +373,7 @@ def _external_sources(model: onnx.ModelProto, base: Path | None) -> dict[str, Pa
     for tensor in external_data_helper._get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = _external_info(tensor)
+        info = external_info(tensor)
         location = info.get("location", "")
         if not location or os.path.isabs(location) or ".." in Path(location).parts:
             raise ExportError(
@@ -396,16 +394,6 @@ def _external_sources(model: onnx.ModelProto, base: Path | None) -> dict[str, Pa
                 "hold both"
             )
     return sources
-
-
-def _drop_basepaths(model: onnx.ModelProto) -> None:
-    """Remove the absolute folders `load` records: written models name only relative paths."""
-    for tensor in external_data_helper._get_all_tensors(model):
-        entries = [(e.key, e.value) for e in tensor.external_data if e.key != BASEPATH]
-        if len(entries) != len(tensor.external_data):
-            del tensor.external_data[:]
-            for key, value in entries:
-                tensor.external_data.add(key=key, value=value)
 
 
 def _stage_data(
@@ -434,7 +422,7 @@ def _stage_data(
                     raw = None
                 else:
                     raw = _raw(tensor, numpy_helper.to_array(tensor))
-                length = int(_external_info(tensor)["length"]) if raw is None else len(raw)
+                length = int(external_info(tensor)["length"]) if raw is None else len(raw)
                 if not on_disk and length < SMALL_TENSOR:
                     if value is not None:
                         tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
@@ -456,7 +444,7 @@ def _stage_data(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _drop_basepaths(model)
+    drop_basepaths(model)
     logger.debug("staged '%s': %d bytes of external data", location, offset)
     return tmp
 
@@ -470,7 +458,7 @@ def _raw(tensor: onnx.TensorProto, value: np.ndarray) -> memoryview | bytes:
 
 def _copy_kept(tensor: onnx.TensorProto, out) -> None:
     """Copy the bytes of a tensor that `load` kept on disk from its file into `out`."""
-    info = _external_info(tensor)
+    info = external_info(tensor)
     source = Path(info[BASEPATH]) / info["location"]
     offset, length = int(info.get("offset", 0)), int(info["length"])
     try:
@@ -510,7 +498,7 @@ def _stage_external(
                 shutil.copyfileobj(src, out)
             size = out.tell()
             for tensor, raw in patches:
-                info = _external_info(tensor)
+                info = external_info(tensor)
                 offset = int(info.get("offset", 0))
                 length = int(info.get("length", len(raw)))
                 if length != len(raw) or offset + length > size:

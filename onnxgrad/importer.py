@@ -108,9 +108,10 @@ threshold for external data)."""
 BASEPATH = "basepath"
 """The external-data key (onnx's own) that holds the absolute folder of a kept tensor."""
 
-# A serialized protobuf message cannot exceed 2 GiB, and the model around its weights
-# needs some room too.
-_PROTO_LIMIT = 2**31 - 2**20
+PROTO_LIMIT = 2**31 - 2**26
+"""The most bytes onnxgrad holds in one protobuf: 2 GiB, protobuf's limit, less 64 MiB of
+room for what later stages add (gradient nodes, metadata). Past it, weights must live in
+external data."""
 
 MAPPED_TYPES = frozenset(
     {
@@ -168,7 +169,7 @@ def load(
     """
     model = read(source)
     size = in_memory_bytes(model)
-    if size >= _PROTO_LIMIT:
+    if size >= PROTO_LIMIT:
         raise ModelLoadError(
             f"{_describe(source)} holds {size / 2**30:.1f} GB in its protobuf, which cannot "
             "exceed 2 GB: save its weights as external data (onnx.save(model, path, "
@@ -262,8 +263,7 @@ def read(source: Source) -> onnx.ModelProto:
 
     external = [t for t in _all_tensors(model) if _is_external(t)]
     if not isinstance(source, onnx.ModelProto):
-        for tensor in _all_tensors(model):  # only onnxgrad's own protos may name a folder
-            _drop_basepath(tensor)
+        drop_basepaths(model)  # only onnxgrad's own protos may name a folder
     kept = [t for t in external if BASEPATH in external_info(t)]
     for tensor in kept:
         _locate(tensor, Path(external_info(tensor)[BASEPATH]))
@@ -308,19 +308,14 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
             array.flags.writeable = False
             return array
         return np.frombuffer(_mapping(path, tensor), dtype, count, offset).reshape(tensor.dims)
+    loaded = onnx.TensorProto()
+    loaded.CopyFrom(tensor)
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            raw = f.read(length)
+        external_data_helper.load_external_data_for_tensor(loaded, info[BASEPATH])
     except OSError as err:
         raise ModelLoadError(
             f"cannot read the external data of tensor '{tensor.name}' from '{path}': {err}"
         ) from err
-    loaded = onnx.TensorProto()
-    loaded.CopyFrom(tensor)
-    del loaded.external_data[:]
-    loaded.data_location = onnx.TensorProto.DEFAULT
-    loaded.raw_data = raw
     return numpy_helper.to_array(loaded)
 
 
@@ -367,7 +362,7 @@ def in_memory_bytes(model: onnx.ModelProto) -> int:
     try:
         return model.ByteSize()
     except EncodeError:  # protobuf cannot even measure a message past 2 GiB
-        return max(_PROTO_LIMIT, sum(_size(t) for t in model.graph.initializer))
+        return max(PROTO_LIMIT, sum(_size(t) for t in model.graph.initializer))
 
 
 def _size(tensor: onnx.TensorProto) -> int:
@@ -516,13 +511,15 @@ def _is_external(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
-def _drop_basepath(tensor: onnx.TensorProto) -> None:
-    entries = [e for e in tensor.external_data if e.key != BASEPATH]
-    if len(entries) != len(tensor.external_data):
-        kept = [(e.key, e.value) for e in entries]
-        del tensor.external_data[:]
-        for key, value in kept:
-            tensor.external_data.add(key=key, value=value)
+def drop_basepaths(model: onnx.ModelProto) -> None:
+    """Remove the absolute folders `load` records from every tensor of `model`, in place:
+    a file names only paths relative to its own folder."""
+    for tensor in _all_tensors(model):
+        entries = [(e.key, e.value) for e in tensor.external_data if e.key != BASEPATH]
+        if len(entries) != len(tensor.external_data):
+            del tensor.external_data[:]
+            for key, value in entries:
+                tensor.external_data.add(key=key, value=value)
 
 
 def _resolve_external(model: onnx.ModelProto, tensors: list[onnx.TensorProto], base: Path) -> None:
@@ -629,6 +626,8 @@ def _unsqueeze_legacy_prelu_slopes(model: onnx.ModelProto) -> None:
     each such PRelu keeps the meaning, and the slope itself keeps its shape (the trained
     weights still fit the original file).
     """
+    if not any(n.op_type == "PRelu" for n in model.graph.node):
+        return
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - without ranks no slope can be placed; left as written
@@ -693,7 +692,7 @@ def _shape_ml_outputs(model: onnx.ModelProto) -> bool:
 def _convert(model: onnx.ModelProto, opset: int, source: Source) -> onnx.ModelProto:
     try:
         converted = onnx.version_converter.convert_version(model, CANONICAL_OPSET)
-        if opset < 11:
+        if opset < 11 and any(n.op_type == "Pad" for n in converted.graph.node):
             _retype_pad_values(converted, _element_types(model))
         # The converter leaves the IR version as it was; the new opset needs a newer one
         # (what later stages write, such as TrainingInfoProto, checks it). Initializers
@@ -719,7 +718,7 @@ def _convert(model: onnx.ModelProto, opset: int, source: Source) -> onnx.ModelPr
 def _element_types(model: onnx.ModelProto) -> dict[str, int]:
     """The element type of every main-graph tensor whose type shape inference finds."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(checkable(model))
+        inferred = onnx.shape_inference.infer_shapes(model)  # reads no external data
     except Exception:  # noqa: BLE001 - the types are only a hint for `_retype_pad_values`
         return {}
     graph = inferred.graph

@@ -42,10 +42,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -60,7 +58,6 @@ from onnxgrad.importer import (
     FLOAT_TYPES,
     checkable,
     graph_inputs,
-    kept_external,
     load,
     opset_of,
     tensor_array,
@@ -854,33 +851,11 @@ def _check_scalar(model: onnx.ModelProto, loss: str) -> None:
 
 
 def save_model_atomically(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write `model` to `path` through a temporary file in the same folder, then rename it.
-
-    A model whose weights `load` kept on disk is written by `onnxgrad.export.write_model`,
-    its weights in `<file name>.data` beside it.
+    """Write `model` to `path` through a temporary file in the same folder, then rename it
+    (`onnxgrad.export.write_model`: weights kept on disk by `load`, or past protobuf's
+    2 GiB, go to `<file name>.data` beside it).
 
     Raises:
-        GradientError: the model is over protobuf's 2 GiB limit.
+        ExportError: the file cannot be written.
     """
-    path = Path(path)
-    if kept_external(model):
-        write_model(model, path)
-        return
-    try:
-        data = model.SerializeToString()
-    except Exception as err:  # protobuf refuses messages over 2 GiB
-        raise GradientError(
-            f"cannot serialize the model for '{path}' ({err}): models over 2 GiB are not "
-            "supported here yet"
-        ) from err
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_model(model, path)
