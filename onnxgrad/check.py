@@ -1388,8 +1388,9 @@ def to_inference_mode(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str
 
 
 def _drop_unused(graph: onnx.GraphProto, names: set[str]) -> None:
-    """Remove the initializers and Constant nodes among `names` that nothing reads anymore."""
-    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    """Remove the initializers and Constant nodes among `names` that nothing reads anymore
+    (the bodies of If, Loop and Scan nodes included)."""
+    read = {i for n in graph.node for i in reads(n)} | {o.name for o in graph.output}
     unused = names - read
     if not unused:
         return

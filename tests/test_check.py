@@ -452,6 +452,49 @@ def test_repair_turns_constant_of_shape_weights_into_parameters(tmp_path, capsys
     assert set(result_lines(text)) == {"W", "b", "s"}
 
 
+def test_constant_of_shape_repair_keeps_a_shape_that_a_branch_still_reads():
+    # s makes the weight w and is also read inside an If branch: lifting w must keep s.
+    shape = helper.make_node(
+        "Constant", [], ["s"], value=numpy_helper.from_array(np.array([3, 3], np.int64))
+    )
+    fill = helper.make_node(
+        "ConstantOfShape", ["s"], ["w"], value=numpy_helper.from_array(np.full(1, 0.5, np.float32))
+    )
+    then_branch = helper.make_graph(
+        [helper.make_node("Reshape", ["y", "s"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [3, 3])],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["y"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [3, 3])],
+    )
+    nodes = [
+        shape,
+        fill,
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        helper.make_node("If", ["c"], ["z"], then_branch=then_branch, else_branch=else_branch),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    repaired, changes = check.constants_to_initializers(model)
+    assert len(changes) == 1 and trainable_parameters(repaired) == ["w"]
+    onnx.checker.check_model(repaired, full_check=True)
+    feeds = {"x": np.arange(9, dtype=np.float32).reshape(3, 3), "c": np.array(True)}
+    np.testing.assert_array_equal(run(repaired, feeds)[0], run(model, feeds)[0])
+
+
 def test_constant_of_shape_repair_keeps_ir3_initializers_listed_as_inputs():
     model = constant_of_shape_model(ir_version=3, opset=9)
     repaired, changes = check.constants_to_initializers(model)
