@@ -638,10 +638,11 @@ def make_subgraph(
             kept.append(node)
             live.update(i for i in _reads(node) if i)
     kept.reverse()
-    return helper.make_graph(kept, name, _values(b, inputs), _values(b, names))
+    return helper.make_graph(kept, name, value_infos(b, inputs), value_infos(b, names))
 
 
-def _values(b: Emitter, names: Sequence[str]) -> list[onnx.ValueInfoProto]:
+def value_infos(b: Emitter, names: Sequence[str]) -> list[onnx.ValueInfoProto]:
+    """ValueInfos of tensors `b` emitted or was told of, typed and shaped as `b` knows them."""
     return [
         helper.make_tensor_value_info(
             x, b.dtype(x), _dims(b.shape(x)) if b.shape(x) is not None else None

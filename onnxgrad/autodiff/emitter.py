@@ -316,6 +316,15 @@ class Emitter:
             return self.Squeeze(x, self.ints(list(axes)))
         return self.Squeeze(x, axes=list(axes))
 
+    def split(self, x: str, sizes: Sequence[int], axis: int) -> tuple[str, ...]:
+        """`x` cut into pieces of `sizes` along `axis`, with the opset's Split signature
+        (`x` itself when there is one piece)."""
+        if len(sizes) == 1:
+            return (x,)
+        if self.opset >= 13:
+            return tuple(self.op("Split", x, self.ints(list(sizes)), outputs=len(sizes), axis=axis))
+        return tuple(self.op("Split", x, outputs=len(sizes), axis=axis, split=list(sizes)))
+
     def sum_to(self, dx: str, x: str, dx_shape: Sequence[int | str | None] | None) -> str:
         """Sum `dx` (broadcast from `x`, of shape `dx_shape`) down to the shape of `x`.
 

@@ -206,13 +206,7 @@ def _axis(b, node, axis: int, name: str, extra: int = 0) -> int:
 
 def _pieces(b, x: str, length: int, axis: int) -> list[str]:
     """`x` cut into `length` slices along `axis`, the axis removed from each."""
-    if length == 1:
-        return [b.squeeze(x, [axis])]
-    if b.opset >= 13:
-        parts = b.op("Split", x, b.ints([1] * length), outputs=length, axis=axis)
-    else:
-        parts = b.op("Split", x, outputs=length, axis=axis, split=[1] * length)
-    return [b.squeeze(p, [axis]) for p in parts]
+    return [b.squeeze(p, [axis]) for p in b.split(x, [1] * length, axis)]
 
 
 @rule("Scan")

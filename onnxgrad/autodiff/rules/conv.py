@@ -162,18 +162,16 @@ class Padded:
         return b.Slice(g, self.begin, b.Add(self.begin, self.sizes), axes)
 
 
-def pad_same(
-    b, node, x: str, kernel: Sequence[Dim], fill: float = 0.0, weights: str | None = None
-) -> Padded | None:
+def pad_same(b, node, x: str, kernel: Sequence[Dim], weights: str | None = None) -> Padded | None:
     """`x` padded as auto_pad SAME_* pads it, when that padding is known only at run time.
 
     Returns None when the node has no SAME auto_pad or x's spatial sizes are static (then
     `sweep` resolves the padding as constants). Per axis, the padding brings the output to
     ⌈L / s⌉ windows:
         total = max(0, (⌈L / s⌉ − 1)·s + d·(k − 1) + 1 − L),
-    split with the odd entry at the end (SAME_UPPER) or the start (SAME_LOWER). `fill` is
-    the padding's value. A kernel size that is not static is read from the shape of
-    `weights` at run time.
+    split with the odd entry at the end (SAME_UPPER) or the start (SAME_LOWER); the padding
+    is zeros. A kernel size that is not static is read from the shape of `weights` at run
+    time.
 
     Raises:
         NotImplementedError: the kernel's size is not static and no `weights` are given, or
@@ -210,7 +208,7 @@ def pad_same(
     begin, end = (half, rest) if auto_pad == "SAME_UPPER" else (rest, half)
     outer = b.ints([0, 0])
     pads = b.Concat(outer, begin, outer, end, axis=0)
-    padded = b.Pad(x, pads, b.const(fill, like=x))
+    padded = b.Pad(x, pads)
     none = [None] * nsp
     sw = Sweep(nsp, list(kernel), strides, dilations, [0] * nsp, [0] * nsp, none, none)
     return Padded(padded, begin, pads, sizes, sw)

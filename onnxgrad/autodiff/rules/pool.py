@@ -25,7 +25,7 @@ from onnxgrad.autodiff.rules.conv import (
 from onnxgrad.autodiff.rules.shape import need_rank
 
 
-def _pool_sweep(b, node, fill: float = 0.0) -> tuple[Sweep, Padded | None]:
+def _pool_sweep(b, node) -> tuple[Sweep, Padded | None]:
     """The windows' geometry, and the padded input when SAME padding is known only at run
     time (then the geometry is over the padded input; see `conv.pad_same`)."""
     x = node.input[0]
@@ -33,10 +33,17 @@ def _pool_sweep(b, node, fill: float = 0.0) -> tuple[Sweep, Padded | None]:
     if not kernel:
         raise NotImplementedError(f"{node.op_type} node '{node.name}' has no kernel_shape")
     kernel = [int(k) for k in kernel]
-    padded = pad_same(b, node, x, kernel, fill)
+    padded = pad_same(b, node, x, kernel)
     if padded is not None:
         return padded.sweep, padded
     return sweep(b, node, x, kernel, bool(node.attrs.get("ceil_mode", 0))), None
+
+
+def _spread_back(b, g: str, x: str, sw: Sweep, padded: Padded | None) -> str:
+    """`_spread_planes` of g onto x, through the run-time padding when there is one."""
+    if padded is None:
+        return _spread_planes(b, g, x, sw)
+    return padded.unpad(b, _spread_planes(b, g, padded.x, sw))
 
 
 def _spread_planes(b, g: str, x: str, sw: Sweep) -> str:
@@ -70,10 +77,14 @@ def window_counts(sw: Sweep, include_pad: bool) -> np.ndarray:
     return count
 
 
-def _counts(b, node, sw: Sweep, dy: str) -> str:
-    """The divisor of AveragePool per output position, shaped to broadcast against dy."""
+def _counts(b, node, sw: Sweep, dy: str, padded: Padded | None = None) -> str:
+    """The divisor of AveragePool per output position, shaped to broadcast against dy.
+
+    With `padded` (SAME padding at run time, which ignores ceil_mode) `sw` sweeps the
+    padded input.
+    """
     include_pad = bool(node.attrs.get("count_include_pad", 0))
-    ceil_mode = bool(node.attrs.get("ceil_mode", 0))
+    ceil_mode = bool(node.attrs.get("ceil_mode", 0)) and padded is None
     x = node.input[0]
     if sw.static:
         count = window_counts(sw, include_pad)
@@ -87,6 +98,10 @@ def _counts(b, node, sw: Sweep, dy: str) -> str:
     # With count_include_pad the plane covers the pads too. An extra s − 1 of zero end
     # padding gives ceil_mode's last (overhanging) window; the crop drops any surplus.
     n = sw.nsp
+    ones = b.const(np.ones((1, 1, *sw.kernel)), like=x)
+    if padded is not None:  # the padding is zeros in a plane of ones, the sweep has none
+        plane = b.Pad(_ones_plane(b, x, padded.sizes), padded.pads)
+        return b.Conv(plane, ones, strides=sw.strides, dilations=sw.dilations)
     sizes = spatial_shape(b, x, sw.sizes)
     if include_pad:
         sizes = b.Add(sizes, b.ints([bg + e for bg, e in zip(sw.begin, sw.end)]))
@@ -95,7 +110,6 @@ def _counts(b, node, sw: Sweep, dy: str) -> str:
         begin, end = list(sw.begin), list(sw.end)
     if ceil_mode:
         end = [e + s - 1 for e, s in zip(end, sw.strides)]
-    ones = b.const(np.ones((1, 1, *sw.kernel)), like=x)
     count = b.Conv(
         _ones_plane(b, x, sizes), ones, strides=sw.strides, dilations=sw.dilations, pads=begin + end
     )
@@ -107,19 +121,9 @@ def _counts(b, node, sw: Sweep, dy: str) -> str:
 @rule("AveragePool")
 def average_pool(b, node, dys):
     """y = Σ_window x / count  →  dx = Σ over the windows that hold x of dy / count"""
-    x = node.input[0]
     sw, padded = _pool_sweep(b, node)
-    if padded is None:
-        g = b.Div(dys[0], _counts(b, node, sw, dys[0]))
-        return [_spread_planes(b, g, x, sw)]
-    if node.attrs.get("count_include_pad", 0):
-        count = b.const(float(math.prod(sw.kernel)), like=x)
-    else:  # the taps on the input: a plane of ones, padded with zeros, swept with ones
-        plane = b.Pad(_ones_plane(b, x, padded.sizes), padded.pads)  # (1, 1, *space) as x
-        ones = b.const(np.ones((1, 1, *sw.kernel)), like=x)
-        count = b.Conv(plane, ones, strides=sw.strides, dilations=sw.dilations)
-    g = b.Div(dys[0], count)
-    return [padded.unpad(b, _spread_planes(b, g, padded.x, sw))]
+    g = b.Div(dys[0], _counts(b, node, sw, dys[0], padded))
+    return [_spread_back(b, g, node.input[0], sw, padded)]
 
 
 @rule("LpPool")
@@ -129,11 +133,7 @@ def lp_pool(b, node, dys):
     p = float(node.attrs.get("p", 2))
     sw, padded = _pool_sweep(b, node)
     g = _lp_scale(b, dys[0], y, p)
-    if padded is None:
-        spread_g = _spread_planes(b, g, x, sw)
-    else:
-        spread_g = padded.unpad(b, _spread_planes(b, g, padded.x, sw))
-    return [b.Mul(spread_g, _lp_local(b, x, p))]
+    return [b.Mul(_spread_back(b, g, x, sw, padded), _lp_local(b, x, p))]
 
 
 def _lp_scale(b, dy: str, y: str, p: float) -> str:
@@ -177,17 +177,9 @@ def max_pool(b, node, dys):
     #    because a MaxPool without the output does not keep the positions anywhere.
     #    Ties: the position MaxPool reports (the first maximum in scan order in
     #    onnxruntime) gets the whole gradient.
-    #    SAME padding over sizes known only at run time: the input padded with -inf
-    #    (never a maximum) and swept without padding; the gradient is cut back at the end.
-    kernel = [int(k) for k in node.attrs.get("kernel_shape") or []]
-    padded = pad_same(b, node, x, kernel, fill=-np.inf) if kernel else None
+    #    Indices are positions in x whatever the padding (SAME at run time included).
     outputs = node.output
-    if padded is not None:
-        drop = ("storage_order", "auto_pad", "pads", "ceil_mode")
-        attrs = {k: v for k, v in node.attrs.items() if k not in drop}
-        x = padded.x
-        _, indices = b.op("MaxPool", x, outputs=2, **attrs)
-    elif len(outputs) > 1 and outputs[1] and not node.attrs.get("storage_order", 0):
+    if len(outputs) > 1 and outputs[1] and not node.attrs.get("storage_order", 0):
         indices = outputs[1]
     else:
         attrs = {k: v for k, v in node.attrs.items() if k != "storage_order"}
@@ -203,8 +195,7 @@ def max_pool(b, node, dys):
     dx = b.ScatterElements(
         zeros, b.Reshape(indices, flat), b.Reshape(dy, flat), axis=0, reduction="add"
     )
-    dx = b.Reshape(dx, b.Shape(x))
-    return [padded.unpad(b, dx) if padded is not None else dx]
+    return [b.Reshape(dx, b.Shape(x))]
 
 
 @rule("GlobalAveragePool")

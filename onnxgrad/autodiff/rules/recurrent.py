@@ -28,10 +28,14 @@ linear_before_reset = 0).
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxgrad.autodiff.builder import make_subgraph, subgraph_emitter
+from onnxgrad.autodiff.builder import (
+    make_subgraph,
+    subgraph_emitter,
+    subgraph_input,
+    value_infos,
+)
 from onnxgrad.autodiff.rules import rule
 from onnxgrad.errors import UnsupportedOpError
 
@@ -155,22 +159,6 @@ def _act_grad(b, spec: tuple[str, float, float], a: str, y: str, dy: str) -> str
     return b.Where(b.Greater(a, zero), dy, b.Mul(dy, b.Add(y, b.const(alpha, like=a))))
 
 
-def _split(b, x: str, sizes: list[int], axis: int) -> tuple[str, ...]:
-    """`x` cut into pieces of `sizes` along `axis` (itself when there is one piece)."""
-    if len(sizes) == 1:
-        return (x,)
-    if b.opset >= 13:
-        return b.op("Split", x, b.ints(sizes), outputs=len(sizes), axis=axis)
-    return b.op("Split", x, outputs=len(sizes), axis=axis, split=sizes)
-
-
-def _body_input(b, label: str, dtype: int, rank: int) -> onnx.ValueInfoProto:
-    """A new input of the subgraph that `b` emits, of element type `dtype` and rank `rank`."""
-    name = b._fresh(f"{b.prefix}{label}")
-    b.info.dtypes[name] = dtype
-    return helper.make_tensor_value_info(name, dtype, [None] * rank)
-
-
 class _Direction:
     """The forward and the backward of one direction of one recurrent node.
 
@@ -236,17 +224,17 @@ class _Direction:
         proj = b.MatMul(x, b.Transpose(w, perm=[1, 0]))  # (T, batch, G·H)
         self.rb_h = None
         if inputs["B"]:
-            wb, rb = _split(b, self.take(inputs["B"], d, 0), [gates * hidden] * 2, 0)
+            wb, rb = b.split(self.take(inputs["B"], d, 0), [gates * hidden] * 2, 0)
             if op == "GRU" and cfg["linear_before_reset"]:
-                rb_zr, self.rb_h = _split(b, rb, [2 * hidden, hidden], 0)
+                rb_zr, self.rb_h = b.split(rb, [2 * hidden, hidden], 0)
                 zeros_h = b.const(np.zeros(hidden), like=rb)
                 rb = b.Concat(rb_zr, zeros_h, axis=0)
             proj = b.Add(proj, b.Add(wb, rb))
         self.peep = None
         if inputs["P"]:
-            self.peep = _split(b, self.take(inputs["P"], d, 0), [hidden] * 3, 0)  # i, o, f
+            self.peep = b.split(self.take(inputs["P"], d, 0), [hidden] * 3, 0)  # i, o, f
         if op == "GRU" and not cfg["linear_before_reset"]:
-            r_zr, self.r_h = _split(b, self.r, [2 * hidden, hidden], 0)
+            r_zr, self.r_h = b.split(self.r, [2 * hidden, hidden], 0)
             self.r_zr_t = b.Transpose(r_zr, perm=[1, 0])
             self.r_h_t = b.Transpose(self.r_h, perm=[1, 0])
             self.r_zr = r_zr
@@ -355,38 +343,34 @@ class _Direction:
         back = int(cfg["reverse"][d])
         prefix = f"{self.node.name}_grad_d{d}"
 
+        def step_input(e, label: str, elem: int = dtype) -> str:  # (batch, ·) per step
+            return subgraph_input(e, label, elem, [None, None])
+
         # 1. The forward body: (H, C; Aₓ[t], keep[t]) → (H′, C′; the step's values).
         fb = subgraph_emitter(b, f"d{d}_forward/")
-        f_states = [_body_input(fb, "h", dtype, 2)]
-        if lstm:
-            f_states.append(_body_input(fb, "c", dtype, 2))
-        f_scans = [_body_input(fb, "proj", dtype, 2)]
+        f_states = [step_input(fb, "h")] + ([step_input(fb, "c")] if lstm else [])
+        f_scans = [step_input(fb, "proj")]
         if cfg["lens"]:
-            f_scans.append(_body_input(fb, "keep", TensorProto.BOOL, 2))
-        h, c = f_states[0].name, f_states[1].name if lstm else None
-        keep = f_scans[1].name if cfg["lens"] else None
-        s, h_next, c_next = self.forward_carry(fb, f_scans[0].name, h, c, keep)
+            f_scans.append(step_input(fb, "keep", TensorProto.BOOL))
+        h, c = f_states[0], f_states[1] if lstm else None
+        keep = f_scans[1] if cfg["lens"] else None
+        s, h_next, c_next = self.forward_carry(fb, f_scans[0], h, c, keep)
         saved = {k: v for k, v in s.items() if v is not None}
 
         # 2. The backward body: (dH, dC; saved[t], mask[t], dY[t]) → (dH′, dC′; dAₜ, ...).
         bb = subgraph_emitter(b, f"d{d}_backward/")
-        b_states = [_body_input(bb, "dh", dtype, 2)]
-        if lstm:
-            b_states.append(_body_input(bb, "dc", dtype, 2))
-        slices = {k: _body_input(bb, k, dtype, 2) for k in saved}
+        b_states = [step_input(bb, "dh")] + ([step_input(bb, "dc")] if lstm else [])
+        s_in = {k: step_input(bb, k) for k in saved}
         extra = []
         if cfg["lens"]:
-            extra.append((_body_input(bb, "mask", dtype, 2), cfg["mask"]))
+            extra.append((step_input(bb, "mask"), cfg["mask"]))
         if dy_d:
-            extra.append((_body_input(bb, "dy", dtype, 2), dy_d))
-        mask = extra[0][0].name if cfg["lens"] else None
-        dy_t = extra[-1][0].name if dy_d else None
+            extra.append((step_input(bb, "dy"), dy_d))
+        mask = extra[0][0] if cfg["lens"] else None
+        dy_t = extra[-1][0] if dy_d else None
         rec, peep = [], {"i": [], "o": [], "f": []}
-        dc_in = b_states[1].name if lstm else None
-        s_in = {k: vi.name for k, vi in slices.items()}
-        dproj, dh, dc = self.backward_carry(
-            bb, s_in, b_states[0].name, dc_in, dy_t, mask, rec, peep
-        )
+        dc_in = b_states[1] if lstm else None
+        dproj, dh, dc = self.backward_carry(bb, s_in, b_states[0], dc_in, dy_t, mask, rec, peep)
 
         # 3. Its outputs: dAₜ; per block of R's rows, the gradient and (unless it is a saved
         # value already stacked by the forward Scan) what R multiplied; peephole products.
@@ -406,10 +390,11 @@ class _Direction:
         # 4. Only the saved values the backward reads travel between the two Scans.
         reads = {i for n in backward.node for i in n.input}
         used = [k for k in saved if s_in[k] in reads or k in rec_ins]
-        backward.input.extend(b_states + [slices[k] for k in used] + [vi for vi, _ in extra])
+        names = b_states + [s_in[k] for k in used] + [name for name, _ in extra]
+        backward.input.extend(value_infos(bb, names))
         states_next = [h_next, c_next] if lstm else [h_next]
-        forward = make_subgraph(fb, f"{prefix}_forward", states_next + [saved[k] for k in used])
-        forward.input.extend(f_states + f_scans)
+        outputs = states_next + [saved[k] for k in used]
+        forward = make_subgraph(fb, f"{prefix}_forward", outputs, inputs=f_states + f_scans)
 
         # 5. The two Scans, the backward one in the other direction.
         xs = [proj, cfg["keep"]] if cfg["lens"] else [proj]
@@ -491,16 +476,16 @@ class _Direction:
             a = b.Add(xp, b.MatMul(h, self.r_t))
             return {"a": a, "h_new": self.gate(b, 0, a)}
         if op == "GRU":
-            x_zr, x_h = _split(b, xp, [2 * hidden, hidden], 1)
+            x_zr, x_h = b.split(xp, [2 * hidden, hidden], 1)
             s = {}
             if self.cfg["linear_before_reset"]:
-                rec_zr, rec_h = _split(b, b.MatMul(h, self.r_t), [2 * hidden, hidden], 1)
+                rec_zr, rec_h = b.split(b.MatMul(h, self.r_t), [2 * hidden, hidden], 1)
                 s["q"] = b.Add(rec_h, self.rb_h) if self.rb_h else rec_h  # Hₜ₋₁·Rhᵀ + Rbh
             else:
                 rec_zr = b.MatMul(h, self.r_zr_t)
             s["a_zr"] = b.Add(x_zr, rec_zr)
             s["zr"] = self.gate(b, 0, s["a_zr"])
-            z, reset = _split(b, s["zr"], [hidden, hidden], 1)
+            z, reset = b.split(s["zr"], [hidden, hidden], 1)
             s["z"], s["r"] = z, reset
             if self.cfg["linear_before_reset"]:
                 s["a_h"] = b.Add(x_h, b.Mul(reset, s["q"]))
@@ -512,7 +497,7 @@ class _Direction:
             return s
 
         # LSTM, gate order i, o, f, c.
-        a_i, a_o, a_f, a_c = _split(b, b.Add(xp, b.MatMul(h, self.r_t)), [hidden] * 4, 1)
+        a_i, a_o, a_f, a_c = b.split(b.Add(xp, b.MatMul(h, self.r_t)), [hidden] * 4, 1)
         if self.peep:
             a_i = b.Add(a_i, b.Mul(self.peep[0], c))
             a_f = b.Add(a_f, b.Mul(self.peep[2], c))

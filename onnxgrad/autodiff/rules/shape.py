@@ -151,10 +151,7 @@ def concat(b, node, dys):
         known = shape is not None and -len(shape) <= axis < len(shape)
         sizes.append(shape[axis] if known else None)
     if all(isinstance(s, int) for s in sizes):
-        if b.opset < 13:
-            parts = b.op("Split", dy, outputs=len(xs), axis=axis, split=sizes)
-        else:
-            parts = b.op("Split", dy, b.ints(sizes), outputs=len(xs), axis=axis)
+        parts = b.split(dy, sizes, axis)
     else:
         need_opset(b, node, 13, "Split with runtime sizes")
         runtime = [b.Gather(b.Shape(x), b.ints([axis])) for x in xs]
@@ -267,24 +264,11 @@ def pad(b, node, dys):
 def _unpad_attribute(b, node, dy: str) -> str:
     """dx for a constant Pad of opset 2 to 10, whose pads (begins, then ends) are an attribute.
 
-    Positive pads are cropped from dy by one Slice (attributes before opset 10, inputs at
-    10); negative ones removed input rows that get zero gradient, padded back by a Pad.
+    That Pad takes negative pads (they remove entries): padding dy by the negated pads
+    crops what the forward added and gives the entries it removed a zero gradient.
     """
     pads = [int(v) for v in node.attrs.get("pads", node.attrs.get("paddings", []))]
-    rank = len(pads) // 2
-    begins, ends = pads[:rank], pads[rank:]
-    axes = [a for a in range(rank) if begins[a] > 0 or ends[a] > 0]
-    dx = dy
-    if axes:
-        starts = [max(begins[a], 0) for a in axes]
-        stops = [-ends[a] if ends[a] > 0 else np.iinfo(np.int64).max for a in axes]
-        if b.opset < 10:
-            dx = b.Slice(dy, starts=starts, ends=stops, axes=axes)
-        else:
-            dx = b.Slice(dy, b.ints(starts), b.ints(stops), b.ints(axes))
-    if any(v < 0 for v in pads):
-        dx = b.Pad(dx, pads=[max(-v, 0) for v in pads])
-    return dx
+    return b.Pad(dy, pads=[-v for v in pads])
 
 
 @rule("Tile")
