@@ -708,22 +708,23 @@ def only_for(
         outputs: names of graph outputs.
 
     Returns:
-        (the copy, the nodes left out, in graph order).
+        (the copy, or `model` itself when it computes nothing else; the nodes left out, in
+        graph order).
     """
     nodes = list(model.graph.node)  # one wrapper per node, so identities hold below
     kept = {id(n) for n in needed_nodes(nodes, outputs)}
     needed = {k for k, n in enumerate(nodes) if id(n) in kept}
+    dropped = [n for k, n in enumerate(nodes) if k not in needed]
+    if not dropped and len(model.graph.output) == len(outputs):
+        return model, []
     wanted = set(outputs) | {name for k in needed for name in reads(nodes[k]) if name}
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    dropped = [n for k, n in enumerate(model.graph.node) if k not in needed]
-    if not dropped and len(graph.output) == len(outputs):
-        return out, []
     keep = [n for k, n in enumerate(graph.node) if k in needed]
     del graph.node[:]
     graph.node.extend(keep)
-    kept_outputs = [o for o in graph.output if o.name in set(outputs)]
+    kept_outputs = [o for o in graph.output if o.name in wanted]
     del graph.output[:]
     graph.output.extend(kept_outputs)
     inits = {t.name for t in graph.initializer}
@@ -1121,7 +1122,9 @@ def constant_weights(model: onnx.ModelProto) -> list[ConstantWeight]:
         One entry per qualifying node, in graph order (unnamed nodes named as `load`
         names them).
     """
-    return [weight for weight, *_ in _constant_weight_nodes(_copy_named(model))]
+    named = _copy_named(model)
+    shapes = _constant_shapes(named)
+    return [w for g in _all_graphs(named.graph) for w, _ in _constant_weights_in(g, shapes)]
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -1151,7 +1154,7 @@ def constants_to_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
     # Deepest bodies first: rewriting a graph's node list copies the bodies inside it.
     for order, home in reversed(list(enumerate(graphs))):
         converted, fills = set(), set()
-        for weight, node, _ in _constant_weights_in(home, shapes):
+        for weight, node in _constant_weights_in(home, shapes):
             name = weight.name
             if home is not graph and defined[name] > 1:
                 name = _fresh(f"{name}__{home.name}", taken)
@@ -1211,20 +1214,9 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
             output.name = new
 
 
-def _constant_weight_nodes(
-    model: onnx.ModelProto,
-) -> list[tuple[ConstantWeight, onnx.NodeProto, onnx.GraphProto]]:
-    """`constant_weights`, each with its node and the graph that holds the node."""
-    shapes = _constant_shapes(model)
-    found = []
-    for graph in _all_graphs(model.graph):
-        found += _constant_weights_in(graph, shapes)
-    return found
-
-
 def _constant_weights_in(
     graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]]
-) -> list[tuple[ConstantWeight, onnx.NodeProto, onnx.GraphProto]]:
+) -> list[tuple[ConstantWeight, onnx.NodeProto]]:
     """The qualifying nodes of one graph, read there or in the bodies nested in it."""
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for g in _all_graphs(graph):
@@ -1240,7 +1232,7 @@ def _constant_weights_in(
             if tensor is None:
                 continue
             shape, dtype = tuple(tensor.dims), tensor.data_type
-            finite = bool(np.all(np.isfinite(numpy_helper.to_array(tensor))))
+            finite = None  # read the values only for a tensor of a weight's size
         elif node.op_type == "ConstantOfShape":
             shape = shapes.get(node.input[0]) if node.input else None
             fill = _fill_value(node)
@@ -1250,7 +1242,9 @@ def _constant_weights_in(
             finite = bool(np.isfinite(fill))
         else:
             continue
-        if len(shape) == 0 or int(np.prod(shape, dtype=np.int64)) < 2 or not finite:
+        if len(shape) == 0 or int(np.prod(shape, dtype=np.int64)) < 2 or finite is False:
+            continue
+        if finite is None and not np.all(np.isfinite(tensor_array(tensor))):
             continue
         reader = _weight_reader(node.output[0], readers)
         if reader is not None:
@@ -1262,7 +1256,7 @@ def _constant_weights_in(
                 dtype,
                 (reader.op_type, reader.name or reader.output[0]),
             )
-            found.append((weight, node, graph))
+            found.append((weight, node))
     return found
 
 
