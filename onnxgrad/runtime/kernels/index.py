@@ -48,10 +48,11 @@ def _element_index(x: np.ndarray, indices: np.ndarray, axis: int) -> tuple:
     """The fancy index that pairs each entry of `indices` with its position on other axes.
 
     `indices` may be smaller than `x` on the other axes (take_along_axis would broadcast it).
+    Negative indices need no pass of their own: numpy counts them from the end, as ONNX does.
     """
     a = axis % x.ndim
     grid = list(np.indices(indices.shape, sparse=True))
-    grid[a] = _normalize(indices, x.shape[a])
+    grid[a] = np.asarray(indices, dtype=np.int64)
     return tuple(grid)
 
 
@@ -98,12 +99,6 @@ def scatter_elements(node: KernelNode):
     reduction = _reduction(node)
 
     def run(x, indices, updates):
-        if x.ndim == 1 and indices.ndim == 1:
-            # The flat case (pooling gradients scatter into a flattened tensor): the indices
-            # are the whole fancy index, and numpy counts negative ones from the end as
-            # ONNX does, so they need no pass of their own.
-            flat = np.asarray(indices, dtype=np.int64)
-            return (_scatter(x.copy(), flat, updates, reduction),)
         return (_scatter(x.copy(), _element_index(x, indices, axis), updates, reduction),)
 
     return run
