@@ -50,6 +50,7 @@ from onnxgrad.importer import (
     op_label,
     opset_of,
     read,
+    subgraphs,
     tensor_array,
     trainable_parameters,
 )
@@ -454,9 +455,8 @@ def _kernel_problems(model: onnx.ModelProto) -> list[Problem]:
                     factory(info)
                 except Exception as err:  # noqa: BLE001 - reported as a problem of this node
                     problems.append(Problem(KERNEL_REJECTS, _one_line(err), **where))
-            for attr in node.attribute:
-                for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                    visit(g, f" (in a subgraph of node '{node.name}')")
+            for g in subgraphs(node):
+                visit(g, f" (in a subgraph of node '{node.name}')")
 
     visit(model.graph, "")
     return problems
@@ -1190,9 +1190,8 @@ def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """A graph, then every If, Loop and Scan body inside it, depth first."""
     yield graph
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _all_graphs(sub)
+        for sub in subgraphs(node):
+            yield from _all_graphs(sub)
 
 
 def _defined(graph: onnx.GraphProto) -> list[str]:
@@ -1205,10 +1204,9 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Make every read of `old` in `graph`, and in bodies that do not redefine it, read `new`."""
     for node in graph.node:
         node.input[:] = [new if name == old else name for name in node.input]
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                if old not in _defined(sub):
-                    _rename_reads(sub, old, new)
+        for sub in subgraphs(node):
+            if old not in _defined(sub):
+                _rename_reads(sub, old, new)
     for output in graph.output:
         if output.name == old:
             output.name = new

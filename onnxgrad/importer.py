@@ -418,9 +418,8 @@ def trainable_parameters(model: onnx.ModelProto) -> list[str]:
         for node in graph.node:
             for i, name in enumerate(node.input):
                 consumers.setdefault(name, []).append((node.op_type, i))
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                    collect(sub)
+            for sub in subgraphs(node):
+                collect(sub)
 
     collect(model.graph)
     params = []
@@ -444,6 +443,17 @@ def _is_fill(tensor: onnx.TensorProto, uses: list[tuple[str, int]]) -> bool:
     if size > 4096:  # a real weight; reading it to look for infinities would cost memory
         return False
     return not bool(np.isfinite(tensor_array(tensor)).all())
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies a node holds (If's branches, Loop's and Scan's body), in attribute order."""
+    out = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend(attr.graphs)
+    return out
 
 
 def op_label(node: onnx.NodeProto) -> str:

@@ -28,6 +28,7 @@ from onnxgrad.importer import (
     checkable,
     load,
     opset_of,
+    subgraphs,
     trainable_parameters,
 )
 
@@ -393,16 +394,6 @@ def _opset(opsets: dict[str, int], domain: str) -> int:
 # Subgraphs: what rules for If, Loop and Scan build on.
 
 
-def _graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    out = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            out.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            out.extend(attr.graphs)
-    return out
-
-
 def graph_reads(graph: onnx.GraphProto) -> set[str]:
     """The enclosing-scope tensors a graph reads: its nodes' inputs and their subgraphs'
     reads, less what the graph defines itself."""
@@ -420,7 +411,7 @@ def graph_reads(graph: onnx.GraphProto) -> set[str]:
 def scope_reads(node: onnx.NodeProto) -> list[str]:
     """The enclosing-scope tensors a node's subgraphs read, sorted (empty for most nodes)."""
     names: set[str] = set()
-    for g in _graphs(node):
+    for g in subgraphs(node):
         names |= graph_reads(g)
     return sorted(names)
 
@@ -457,7 +448,7 @@ def names_in_use(graph: onnx.GraphProto) -> set[str]:
         names.update(o for o in node.output if o)
         if node.name:
             names.add(node.name)
-        for g in _graphs(node):
+        for g in subgraphs(node):
             names |= names_in_use(g)
     return names
 
@@ -466,7 +457,7 @@ def _rename_reads(node: onnx.NodeProto, mapping: dict[str, str]) -> None:
     """Apply `mapping` to what a node's subgraphs read from enclosing scopes, at any depth."""
     if not mapping:
         return
-    for g in _graphs(node):
+    for g in subgraphs(node):
         for n in g.node:
             n.input[:] = [mapping.get(i, i) for i in n.input]
             _rename_reads(n, mapping)

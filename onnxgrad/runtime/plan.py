@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from onnxgrad.errors import ExecutionError
+from onnxgrad.importer import subgraphs
 from onnxgrad.runtime.kernels import Kernel
 
 logger = logging.getLogger(__name__)
@@ -420,15 +421,13 @@ def outer_names(node: onnx.NodeProto) -> list[str]:
 def _outer_names(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope."""
     names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            local = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                local.update(n.output)
-            for n in g.node:
-                names.update(i for i in n.input if i and i not in local)
-                names.update(_outer_names(n) - local)
+    for g in subgraphs(node):
+        local = {i.name for i in g.input} | {t.name for t in g.initializer}
+        for n in g.node:
+            local.update(n.output)
+        for n in g.node:
+            names.update(i for i in n.input if i and i not in local)
+            names.update(_outer_names(n) - local)
     return names
 
 

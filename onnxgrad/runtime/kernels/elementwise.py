@@ -3,7 +3,6 @@ the casts (Cast, CastLike to every ONNX type numpy or ml_dtypes holds, BitCast).
 
 from __future__ import annotations
 
-
 import ml_dtypes
 import numpy as np
 from onnx import TensorProto, helper
