@@ -32,9 +32,7 @@ import io
 import logging
 import math
 import os
-import statistics
 import tempfile
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -183,17 +181,11 @@ def time_steps(module, onnx_path: Path, ids, mask, target, batch: int, steps: in
     def ours():
         trainer.step(feeds, t)
 
-    times: dict[str, list[float]] = {"torch": [], "onnxgrad": []}
+    from bench import time_pair  # tools/ is on the path, as for this script
+
     with threadpool_limits(1, user_api="blas"):
-        for fn in (torch_step, ours):  # warm-up
-            fn()
-        for r in range(steps):
-            order = [("torch", torch_step), ("onnxgrad", ours)]
-            for name, fn in order if r % 2 == 0 else order[::-1]:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+        t_torch, t_ours = time_pair(torch_step, ours, rounds=steps, inner=1)
+    return {"torch": t_torch * 1e3, "onnxgrad": t_ours * 1e3}
 
 
 def main(argv: list[str] | None = None) -> int:
