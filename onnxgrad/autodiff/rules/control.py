@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import onnx
 from onnx import numpy_helper
@@ -303,6 +304,33 @@ class _Steps:
     first: int
     offset: int
 
+    @classmethod
+    def of(cls, node) -> _Steps:
+        """The recurrence of a Loop (inputs M, cond, then the carried values; body outputs
+        cond, then their next values) or a Scan (the carried values first everywhere)."""
+        body = node.attrs["body"]
+        loop = node.op_type == "Loop"
+        first, offset = (2, 1) if loop else (0, 0)
+        n = len(node.input) - 2 if loop else len(node.input) - int(node.attrs["num_scan_inputs"])
+        body_in = [i.name for i in body.input]
+        body_out = [o.name for o in body.output]
+        return cls(
+            node,
+            body,
+            body_in[first : first + n],
+            body_out[offset : offset + n],
+            body_out[offset + n :],
+            list(node.input[first : first + n]),
+            list(node.output[:n]),
+            first,
+            offset,
+        )
+
+    @cached_property
+    def info(self) -> GraphInfo:
+        """Types, shapes and constants of the body."""
+        return GraphInfo.from_graph(self.body)
+
     def moving(self) -> list[int]:
         """The carried values that change from step to step, by position."""
         return [
@@ -311,8 +339,9 @@ class _Steps:
             if not _same(self, y, x)
         ]
 
-    def dtype(self, b, info: GraphInfo, k: int) -> int:
-        return info.dtypes.get(self.state_in[k], b.dtype(self.inits[k]))
+    def dtype(self, b, k: int) -> int:
+        """The element type of carried value k."""
+        return self.info.dtypes.get(self.state_in[k], b.dtype(self.inits[k]))
 
 
 def _same(steps: _Steps, out: str, inp: str) -> bool:
@@ -335,11 +364,11 @@ def _reaches(graph: onnx.GraphProto, sources: set[str]) -> set[str]:
     return seen
 
 
-def _flowing(b, steps: _Steps, info: GraphInfo, sources: set[str]) -> list[int]:
+def _flowing(b, steps: _Steps, sources: set[str]) -> list[int]:
     """The float carried values whose gradient can reach a wanted tensor, by position: those
     whose initial value needs one, and those whose next value is computed from a wanted
     tensor (`sources`) or from a value already found (to a fixed point)."""
-    floats = [k for k in range(len(steps.inits)) if steps.dtype(b, info, k) in FLOAT_TYPES]
+    floats = [k for k in range(len(steps.inits)) if steps.dtype(b, k) in FLOAT_TYPES]
     flowing = {k for k in floats if steps.node.needs_grad(steps.first + k)}
     while True:
         reach = _reaches(steps.body, sources | {steps.state_in[k] for k in flowing})
@@ -413,8 +442,8 @@ def _reverse(
         for k, x in enumerate(node.outer)
         if node.needs_grad(reads + k) and b.dtype(x) in FLOAT_TYPES
     ]
-    info = GraphInfo.from_graph(body)
-    flowing = _flowing(b, steps, info, set(outer) | set(extra))
+    info = steps.info
+    flowing = _flowing(b, steps, set(outer) | set(extra))
     last = b.Sub(count, b.ints(1))
 
     # 1. The reverse body's inputs: its iteration j, a condition, the gradients it carries.
@@ -422,9 +451,7 @@ def _reverse(
     j = subgraph_input(sub, "j", INT64, [])
     go = subgraph_input(sub, "cond", BOOL, [])
     dvs = [
-        subgraph_input(
-            sub, f"{steps.state_in[k]}_grad", steps.dtype(b, info, k), info.shapes.get(x)
-        )
+        subgraph_input(sub, f"{steps.state_in[k]}_grad", steps.dtype(b, k), info.shapes.get(x))
         for k, x in ((k, steps.state_in[k]) for k in flowing)
     ]
     accs = [subgraph_input(sub, f"{x}_grad", b.dtype(x), b.shape(x)) for x in outer]
@@ -465,7 +492,7 @@ def _reverse(
     for k in flowing:
         x = steps.finals[k] or steps.inits[k]
         starts.append(dys[k] if dys[k] is not None else b.zeros_like(x))
-        types.append((steps.dtype(b, info, k), b.shape(steps.inits[k])))
+        types.append((steps.dtype(b, k), b.shape(steps.inits[k])))
     starts += [b.zeros_like(x) for x in outer]
     types += [(b.dtype(x), b.shape(x)) for x in outer]
     types += [(b.dtype(bindings[x]), None) for x in extra]
@@ -491,25 +518,14 @@ def _reverse_loop(b, node, body: onnx.GraphProto, dys, wanted: list[str]) -> lis
     """The gradients of a Loop whose number of steps only the run decides, per wanted name."""
     n = len(node.input) - 2
     body_in = [i.name for i in body.input]
-    body_out = [o.name for o in body.output]
-    steps = _Steps(
-        node,
-        body,
-        body_in[2:],
-        body_out[1 : 1 + n],
-        body_out[1 + n :],
-        node.input[2:],
-        node.output[:n],
-        first=2,
-        offset=1,
-    )
-    info = GraphInfo.from_graph(body)
+    steps = _Steps.of(node)
+    info = steps.info
 
     # 1. The Loop again, stacking the iteration number and the moving values at each step.
     moving = steps.moving()
     graph = _with_records(b, steps, 1 + n, [0] + [2 + k for k in moving])
     types = [(b.dtype(x), None) for x in steps.inits] + [(INT64, [None])]
-    types += [(steps.dtype(b, info, k), _stacked(info.shapes.get(body_in[2 + k]))) for k in moving]
+    types += [(steps.dtype(b, k), _stacked(info.shapes.get(body_in[2 + k]))) for k in moving]
     outs = _emit(b, "Loop", node.input, types, body=graph)
     count = b.Size(outs[n])  # the number of steps run
     records = dict(zip(moving, outs[n + 1 :]))
@@ -533,19 +549,8 @@ def _reverse_scan(b, node, body: onnx.GraphProto, dys, wanted: list[str], axes) 
     n_scan = int(node.attrs["num_scan_inputs"])
     n = len(node.input) - n_scan
     body_in = [i.name for i in body.input]
-    body_out = [o.name for o in body.output]
-    steps = _Steps(
-        node,
-        body,
-        body_in[:n],
-        body_out[:n],
-        body_out[n:],
-        node.input[:n],
-        node.output[:n],
-        first=0,
-        offset=0,
-    )
-    info = GraphInfo.from_graph(body)
+    steps = _Steps.of(node)
+    info = steps.info
     xs = node.input[n:]
 
     # 1. The Scan again, stacking the moving states entering each step (if any move).
@@ -554,7 +559,7 @@ def _reverse_scan(b, node, body: onnx.GraphProto, dys, wanted: list[str], axes) 
     if moving:
         graph = _with_records(b, steps, n, moving)
         types = [(b.dtype(x), None) for x in steps.inits]
-        types += [(steps.dtype(b, info, k), _stacked(info.shapes.get(body_in[k]))) for k in moving]
+        types += [(steps.dtype(b, k), _stacked(info.shapes.get(body_in[k]))) for k in moving]
         outs = _emit(
             b,
             "Scan",
