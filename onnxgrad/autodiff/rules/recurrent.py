@@ -649,6 +649,7 @@ def recurrent(b, node, dys):
     # 2. Everything in layout 0: (T, batch, ·) inputs, (T, D, batch, H) for Y.
     xc = b.Transpose(x, perm=[1, 0, 2]) if layout else x
     x2d = b.Flatten(xc, axis=2)  # (T·batch, I)
+    shape = b.Shape(xc)
     lstm = op == "LSTM"
     dtype = b.dtype(x)
 
@@ -666,7 +667,7 @@ def recurrent(b, node, dys):
     if dy is not None and layout:
         dy = b.Transpose(dy, perm=[1, 2, 0, 3])
     dh_all, dc_all = state_grad(1), state_grad(2) if lstm else None
-    batch_dim = b.Slice(b.Shape(xc), b.ints([1]), b.ints([2]))
+    batch_dim = b.Slice(shape, b.ints([1]), b.ints([2]))
     zero = numpy_helper.from_array(np.zeros(1, helper.tensor_dtype_to_np_dtype(dtype)))
     zeros = b.ConstantOfShape(b.Concat(batch_dim, b.ints([hidden]), axis=0), value=zero)
     lens = keep = mask = None
@@ -674,7 +675,7 @@ def recurrent(b, node, dys):
         lens = b.unsqueeze(b.Cast(names[4], to=TensorProto.INT64), [1])  # (batch, 1) int64
         if not isinstance(seq, int):
             # The Scans read keep[t] = t < sequence_lens and its 0/1 mask, (T, batch, 1).
-            length = b.Gather(b.Shape(xc), b.ints(0), axis=0)
+            length = b.Gather(shape, b.ints(0), axis=0)
             times = b.unsqueeze(b.Range(b.ints(0), length, b.ints(1)), [1, 2])  # (T, 1, 1)
             keep = b.Less(times, lens)
             mask = b.Cast(keep, to=dtype)
@@ -716,7 +717,7 @@ def recurrent(b, node, dys):
     grads: list[str | None] = [None] * len(node.input)
     if cfg["need"]["X"]:
         dx = results[0]["dX"] if directions == 1 else b.Add(*[r["dX"] for r in results])
-        dx = b.Reshape(dx, b.Shape(xc))
+        dx = b.Reshape(dx, shape)
         grads[0] = b.Transpose(dx, perm=[1, 0, 2]) if layout else dx
     for i, key in ((1, "dW"), (2, "dR"), (3, "dB"), (7, "dP")):
         if i < len(node.input) and node.needs_grad(i) and key in results[0]:
