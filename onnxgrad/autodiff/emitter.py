@@ -384,14 +384,15 @@ class Emitter:
             )
         lead = len(ys) - len(xs)
         total = self.reduce_sum(dx, list(range(lead)), keepdims=0) if lead else dx
+        pairs = list(zip(xs, ys[lead:]))
+        ones = [i for i, (d, e) in enumerate(pairs) if d == 1 and e != 1]  # known broadcasts
+        if ones:
+            total = self.reduce_sum(total, ones, keepdims=1)
         sx = self.Shape(x)
-        for i, (d, e) in enumerate(zip(xs, ys[lead:])):
-            if (d == e and d is not None) or (isinstance(d, int) and d != 1):
+        for i, (d, e) in enumerate(pairs):
+            if d == 1 or e == 1 or (d == e and d is not None) or isinstance(d, int):
                 continue
             summed = self.reduce_sum(total, [i], keepdims=1)
-            if d == 1:
-                total = summed
-                continue
             size = self.Gather(sx, self.ints(i), axis=0)
             total = self.Where(self.Equal(size, self.ints(1)), summed, total)
         zeros = self.ints([0] * len(xs))
