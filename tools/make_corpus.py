@@ -588,6 +588,21 @@ def _torch_outputs(module, args: tuple, names: list[str]) -> dict[str, np.ndarra
     return {f"output/{n}": v.detach().numpy() for n, v in zip(names, values)}
 
 
+def _export_torch(
+    folder: Path, module, inputs: dict, outputs: list[str], **export
+) -> onnx.ModelProto:
+    """Export `module` on `inputs` (tensors by input name) to folder/model.onnx with
+    torch.onnx.export's `export` options, and write data.npz: the inputs and torch's
+    outputs under the names `outputs`. Returns the exported model."""
+    path = folder / "model.onnx"
+    args = tuple(inputs.values())
+    _quiet_export(module, args, path, input_names=list(inputs), output_names=outputs, **export)
+    data = {f"input/{name}": value.numpy() for name, value in inputs.items()}
+    data.update(_torch_outputs(module, args, outputs))
+    np.savez(folder / "data.npz", **data)
+    return onnx.load(path)
+
+
 def _call_args(kwargs: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in kwargs.items())
 
@@ -767,22 +782,17 @@ def make_vit(folder: Path) -> dict:
     module = ViT().eval()
     _perturb(module)
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(SEED))
-    path = folder / "model.onnx"
-    _quiet_export(
+    model = _export_torch(
+        folder,
         module,
-        (pixels,),
-        path,
+        {"pixel_values": pixels},
+        ["last_hidden_state"],
         dynamo=False,
         opset_version=17,
-        input_names=["pixel_values"],
-        output_names=["last_hidden_state"],
         dynamic_axes={"pixel_values": {0: "batch"}},
     )
-    data = {"input/pixel_values": pixels.numpy()}
-    data.update(_torch_outputs(module, (pixels,), ["last_hidden_state"]))
-    np.savez(folder / "data.npz", **data)
     return _manifest(
-        onnx.load(path),
+        model,
         "hf_vit_tiny",
         source="transformers",
         origin="tools/make_corpus.py: ViTModel(ViTConfig(image_size=16, patch_size=4, "
@@ -836,21 +846,11 @@ def _export_decoder(folder: Path, name: str, attr: str, family: str, **config) -
     _perturb(module)
     vocab = config["vocab_size"]
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(SEED))
-    path = folder / "model.onnx"
-    _quiet_export(
-        module,
-        (ids,),
-        path,
-        dynamo=True,
-        opset_version=18,
-        input_names=["input_ids"],
-        output_names=["last_hidden_state"],
+    model = _export_torch(
+        folder, module, {"input_ids": ids}, ["last_hidden_state"], dynamo=True, opset_version=18
     )
-    data = {"input/input_ids": ids.numpy()}
-    data.update(_torch_outputs(module, (ids,), ["last_hidden_state"]))
-    np.savez(folder / "data.npz", **data)
     return _manifest(
-        onnx.load(path),
+        model,
         name,
         source="transformers",
         origin=f"tools/make_corpus.py: {family}Model({family}Config({_call_args(config)})), "
@@ -881,24 +881,19 @@ def make_torch_cnn_opset9(folder: Path) -> dict:
         module[1].running_mean.normal_(0, 0.1)
         module[1].running_var.uniform_(0.5, 1.5)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(SEED))
-    path = folder / "model.onnx"
-    _quiet_export(
+    model = _export_torch(
+        folder,
         module,
-        (x,),
-        path,
+        {"x": x},
+        ["y"],
         dynamo=False,
         opset_version=9,
-        input_names=["x"],
-        output_names=["y"],
         dynamic_axes={"x": {0: "batch"}},
         keep_initializers_as_inputs=True,
         do_constant_folding=False,
     )
-    data = {"input/x": x.numpy()}
-    data.update(_torch_outputs(module, (x,), ["y"]))
-    np.savez(folder / "data.npz", **data)
     return _manifest(
-        onnx.load(path),
+        model,
         "torch_cnn_opset9_inputs",
         source="torch",
         origin="tools/make_corpus.py: Conv2d-BatchNorm2d-ReLU-MaxPool2d-Linear",
